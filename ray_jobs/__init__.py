@@ -1,0 +1,1 @@
+"""Thin Ray entrypoints around the speed library. Module names equal phase names."""

@@ -1,0 +1,348 @@
+"""python -m ray_jobs.train -c CONFIG [key=value ...]: SpeeD training of DiT on Ray Train.
+
+A thin adapter: the loop lives in speed.train.loop; here Ray supplies the process group, the
+dataset shard, checkpoint hand-over to storage, restarts after worker loss and elastic resizing.
+With no -c, the embedded digits config runs on a local Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ray_jobs.common import emit, init_ray, load_job_config, run_main
+from speed import storage
+from speed.config import Config, ConfigError, config_from_dict, num_workers_range, to_dict
+from speed.train.checkpoint import CheckpointError, TrainState, is_complete
+from speed.train.export import WEIGHTS_NAME, describe
+
+log = logging.getLogger("speed.train")
+
+STOP_ACTOR_PREFIX = "speed-stop-"
+
+
+# --- driver side ---------------------------------------------------------------------------------
+
+
+def run_uri(cfg: Config) -> str:
+    return storage.join(cfg.run.output_uri, cfg.run.name)
+
+
+def _checkpoint_uris(cfg: Config) -> List[str]:
+    """Ray Train's checkpoint folders of this run (checkpoint_*), newest last by step."""
+    fs, path = storage.filesystem(run_uri(cfg), cfg.storage)
+    import pyarrow.fs as pafs
+
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_"):
+            state_uri = storage.join(run_uri(cfg), name, "state.json")
+            if storage.exists(state_uri, cfg.storage):
+                step = TrainState.from_json(storage.read_text(state_uri, cfg.storage)).step
+                found.append((step, storage.join(run_uri(cfg), name)))
+    return [uri for _, uri in sorted(found)]
+
+
+def read_checkpoint_state(uri: str, cfg: Config, key: str) -> TrainState:
+    state_uri = storage.join(uri, "state.json")
+    if not storage.exists(uri, cfg.storage):
+        raise CheckpointError(f"{key}: checkpoint '{uri}' does not exist; give a checkpoint_* folder of a run")
+    if not storage.exists(state_uri, cfg.storage):
+        raise CheckpointError(f"{key}: '{uri}' is not a complete checkpoint (no state.json); use an earlier one")
+    return TrainState.from_json(storage.read_text(state_uri, cfg.storage))
+
+
+def check_compatible(state: TrainState, cfg: Config, source: str) -> None:
+    """A checkpoint of another model size or data geometry fails before any training starts."""
+    expected = describe(cfg)
+    stored = state.description or {}
+    for field in ("input_size", "in_channels"):
+        if stored.get(field) != getattr(expected, field):
+            raise CheckpointError(
+                f"checkpoint '{source}' was trained with {field}={stored.get(field)}, but this config gives "
+                f"{getattr(expected, field)}; use the checkpoint's data.* settings or a new run.name"
+            )
+    stored_model = stored.get("model", {})
+    for field in ("name", "num_classes", "learn_sigma", "depth", "hidden_size", "num_heads", "mlp_ratio"):
+        if stored_model.get(field) != getattr(cfg.model, field):
+            raise CheckpointError(
+                f"checkpoint '{source}' was trained with model.{field}={stored_model.get(field)!r}, but this "
+                f"config has model.{field}={getattr(cfg.model, field)!r}; use the same model or a new run.name"
+            )
+
+
+def preflight(cfg: Config) -> Tuple[int, Optional[str]]:
+    """Every check that can fail before cluster work: storage, data, checkpoints. Returns
+    (start_step, checkpoint URI to resume from or None)."""
+    storage.preflight(cfg.run.output_uri, cfg.storage, key="run.output_uri", must_exist=False, writable=True)
+    if cfg.data.format != "digits":
+        from ray_jobs.data import preflight_data
+
+        preflight_data(cfg)
+    if cfg.train.init_from:
+        storage.preflight(cfg.train.init_from, cfg.storage, key="train.init_from")
+        if not storage.exists(cfg.train.init_from, cfg.storage):
+            raise CheckpointError(f"train.init_from: '{cfg.train.init_from}' does not exist")
+    existing = _checkpoint_uris(cfg)
+    if existing:
+        state = read_checkpoint_state(existing[-1], cfg, "run.name")
+        check_compatible(state, cfg, existing[-1])
+        return state.step, existing[-1]
+    if cfg.train.resume_from:
+        state = read_checkpoint_state(cfg.train.resume_from, cfg, "train.resume_from")
+        check_compatible(state, cfg, cfg.train.resume_from)
+        return state.step, cfg.train.resume_from
+    return 0, None
+
+
+def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, datasets: Optional[Dict[str, Any]] = None):
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    low, high = num_workers_range(cfg.ray)
+    num_workers = low if low == high else (low, high)
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1
+    fs, path = storage.filesystem(cfg.run.output_uri, cfg.storage)
+    scaling = ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=cfg.ray.use_gpu,
+        resources_per_worker=resources,
+        **({"elastic_resize_monitor_interval_s": float(os.environ.get("SPEED_RESIZE_INTERVAL_S", 60))}
+           if low != high else {}),
+    )
+    from ray.train.torch import TorchConfig
+
+    return TorchTrainer(
+        train_loop_per_worker=train_worker,
+        train_loop_config={
+            "config": to_dict(cfg, redact=False),
+            "resume_uri": resume_uri,
+            "stop_actor": stop_actor_name,
+        },
+        scaling_config=scaling,
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo",
+                                 timeout_s=cfg.ray.worker_timeout_s),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets=datasets,
+    )
+
+
+def _main(argv: List[str]) -> None:
+    cfg = load_job_config("train", argv)
+    start_step, resume_uri = preflight(cfg)
+    if start_step >= cfg.train.steps:
+        raise ConfigError(
+            f"run '{cfg.run.name}' already reached step {start_step} >= train.steps={cfg.train.steps}; "
+            "raise train.steps to continue it or choose a new run.name"
+        )
+    ray = init_ray(cfg)
+    datasets = None
+    if cfg.data.format != "digits":
+        from ray_jobs.data import build_train_dataset, dataset_size
+
+        size = dataset_size(cfg)
+        images_seen = start_step * cfg.train.global_batch_size
+        datasets = {
+            "train": build_train_dataset(cfg, seed=cfg.run.seed, epoch=images_seen // size, skip_images=images_seen % size)
+        }
+    stop_actor_name = f"{STOP_ACTOR_PREFIX}{uuid.uuid4().hex[:8]}"
+    stop_actor = _create_stop_actor(stop_actor_name)
+    _forward_sigterm(stop_actor)
+    trainer = build_trainer(cfg, resume_uri, stop_actor_name, datasets)
+    result = trainer.fit()
+    ray.kill(stop_actor)
+    metrics = result.metrics or {}
+    export_uri = storage.join(run_uri(cfg), "export", WEIGHTS_NAME)
+    steps = int(metrics.get("step", start_step))
+    emit(
+        "train_done",
+        steps=steps,
+        start_step=start_step,
+        checkpoint=_checkpoint_uri_of(result, cfg),
+        export=export_uri if steps >= cfg.train.steps and storage.exists(export_uri, cfg.storage) else None,
+        final_loss=metrics.get("loss"),
+        images_per_sec=metrics.get("run_images_per_sec", metrics.get("images_per_sec")),
+        run=run_uri(cfg),
+    )
+
+
+def _checkpoint_uri_of(result, cfg: Config) -> Optional[str]:
+    if result.checkpoint is None:
+        return None
+    path = result.checkpoint.path
+    if storage.is_s3(cfg.run.output_uri):
+        return "s3://" + path.lstrip("/")
+    return path
+
+
+def _create_stop_actor(name: str):
+    """A tiny named actor the driver sets on SIGTERM (ray job stop); workers read it at log steps."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StopFlag:
+        def __init__(self):
+            self.stop = False
+
+        def set(self):
+            self.stop = True
+
+        def get(self) -> bool:
+            return self.stop
+
+    return StopFlag.options(name=name).remote()
+
+
+def _forward_sigterm(stop_actor) -> None:
+    """On SIGTERM, ask the workers to checkpoint and stop; a second SIGTERM exits at once."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        log.warning("SIGTERM: asking workers to save a checkpoint and stop")
+        stop_actor.set.remote()
+        signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# --- worker side ---------------------------------------------------------------------------------
+
+
+class RayReporter:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+        from ray.train.v2.api.report_config import CheckpointUploadMode
+
+        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        mode = CheckpointUploadMode.ASYNC if self.cfg.train.async_checkpoint else CheckpointUploadMode.SYNC
+        kwargs = {"checkpoint_upload_mode": mode, "delete_local_checkpoint_after_upload": True} if checkpoint else {}
+        ray.train.report(metrics, checkpoint=checkpoint, **kwargs)
+
+
+class StreamSource:
+    """This rank's share of each global batch from its Ray Data shard; a new pass per epoch."""
+
+    def __init__(self, shard, cfg: Config):
+        self.shard = shard
+        self.cfg = cfg
+        self.epoch = 0
+        self.iterator = None
+        self.count = None
+
+    def _next_rows(self, count: int) -> Dict[str, torch.Tensor]:
+        for _ in range(2):
+            if self.iterator is None:
+                self.iterator = iter(
+                    self.shard.iter_torch_batches(
+                        batch_size=count,
+                        drop_last=True,
+                        local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None,
+                        local_shuffle_seed=self.cfg.run.seed + self.epoch,
+                        prefetch_batches=self.cfg.data.prefetch_batches,
+                    )
+                )
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                self.iterator = None
+                self.epoch += 1
+        raise RuntimeError("the training dataset shard yielded no full batch; it is smaller than one batch share")
+
+    def batch(self, step: int, offset: int, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        rows = self._next_rows(count)
+        labels = rows["label"].long()
+        if "image" in rows:
+            return rows["image"].float(), labels
+        from speed.data.latents import sample_latents
+
+        generator = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step * 131 + offset)
+        return sample_latents(rows, self.cfg.data.latent_scale, generator), labels
+
+
+def _control(stop_actor_name: str):
+    import ray
+    import ray.train
+
+    actor = ray.get_actor(stop_actor_name) if stop_actor_name else None
+
+    def control() -> Tuple[bool, bool]:
+        preempted = ray.train.get_preemption_info() is not None
+        stop = bool(ray.get(actor.get.remote())) if actor is not None else False
+        return preempted, stop
+
+    return control
+
+
+def train_worker(loop_config: Dict[str, Any]) -> None:
+    import ray.train
+
+    from speed.train.distributed import current_env
+    from speed.train.loop import StopRequested, train
+    from speed.train.sources import IndexedSource
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    cfg = config_from_dict(loop_config["config"])
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    env = current_env()
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    if cfg.data.format == "digits":
+        from speed.data.digits import load_digits
+
+        images, labels = load_digits(cfg.data.resolution, cfg.data.channels)
+        source = IndexedSource(images, labels, cfg.run.seed, cfg.train.global_batch_size)
+    else:
+        source = StreamSource(ray.train.get_dataset_shard("train"), cfg)
+    stop = StopRequested()
+    stop.install()
+    checkpoint = ray.train.get_checkpoint()
+    context = ray.train.get_context()
+    with tempfile.TemporaryDirectory(prefix="speed-resume-") as scratch:
+        resume_dir = None
+        if checkpoint is not None:
+            resume_dir = checkpoint.to_directory(os.path.join(scratch, "ckpt"))
+        elif loop_config.get("resume_uri"):
+            resume_dir = storage.local_copy(loop_config["resume_uri"], scratch, cfg.storage)
+        if resume_dir is not None and not is_complete(resume_dir):
+            raise CheckpointError(f"checkpoint '{resume_dir}' is incomplete; resume from an earlier one")
+        result = train(
+            cfg,
+            env,
+            source,
+            RayReporter(cfg),
+            resume_dir=resume_dir,
+            stop=stop,
+            control=_control(loop_config.get("stop_actor")),
+            progress=env.is_main and context.get_world_rank() == 0,
+        )
+    log.info("worker %d finished at step %d", env.rank, result.steps)
+
+
+def main(argv=None) -> int:
+    return run_main("train", _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

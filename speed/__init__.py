@@ -1,0 +1,1 @@
+"""SpeeD: timestep-aware diffusion transformer training."""

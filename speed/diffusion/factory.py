@@ -1,0 +1,41 @@
+"""Build diffusion processes and timestep strategies from their config sections."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from speed.config.schema import DiffusionConfig
+from speed.diffusion.gaussian import get_beta_schedule
+from speed.diffusion.respace import create_diffusion
+from speed.diffusion.timesteps import TIMESTEP_STRATEGIES, TimestepStrategy, build_timestep_strategy
+
+
+def build_strategy_from_config(diffusion: DiffusionConfig) -> TimestepStrategy:
+    """The strategy ``diffusion.timesteps`` describes, over the configured beta schedule."""
+    timesteps = diffusion.timesteps
+    betas = get_beta_schedule(diffusion.schedule, diffusion.num_timesteps)
+    # Every strategy with parameters has a sub-section of the same name (uniform has none).
+    params = {
+        name: dataclasses.asdict(getattr(timesteps, name)) for name in TIMESTEP_STRATEGIES if hasattr(timesteps, name)
+    }
+    return build_timestep_strategy(
+        timesteps.name, betas, sampling=timesteps.sampling, weighting=timesteps.weighting, params=params
+    )
+
+
+def build_training_diffusion(diffusion: DiffusionConfig, learn_sigma: bool):
+    """The full T-step process that training losses are computed on."""
+    return create_diffusion(
+        num_timesteps=diffusion.num_timesteps,
+        schedule=diffusion.schedule,
+        learn_sigma=learn_sigma,
+        timestep_respacing="",
+    )
+
+
+def build_sampling_diffusion(num_timesteps: int, schedule: str, learn_sigma: bool, sampler: str, steps: int):
+    """A respaced process for sampling: ``steps`` DDPM steps or ``ddim<steps>``."""
+    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+    return create_diffusion(
+        num_timesteps=num_timesteps, schedule=schedule, learn_sigma=learn_sigma, timestep_respacing=respacing
+    )

@@ -1,0 +1,181 @@
+"""Whole-training-state checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint folder holds:
+  .metadata, __<rank>_*.distcp   DCP: model, optimizer, EMA and strategy tensors, sharded; every
+                                 rank writes its own part, and a different world size can load it
+  state.json                     plain data: step, images seen, epoch, data position, the resolved
+                                 config (secrets redacted) and the model description
+
+DCP stores its metadata with pickle, so only checkpoints of the run's own storage are read here;
+weights from anywhere else go through safetensors (``speed.train.export``). Per-rank RNG states
+are saved under rank-specific keys ("rng.rank<r>"), since DCP de-duplicates identical keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from speed.train.distributed import DistEnv
+
+STATE_FILE = "state.json"
+METADATA_FILE = ".metadata"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which and why."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """Plain-data training position, saved as JSON beside the tensors."""
+
+    step: int = 0
+    images_seen: int = 0
+    epoch: int = 0
+    # The next run's data position: images of the current epoch already consumed.
+    epoch_images: int = 0
+    config: Dict[str, Any] = field(default_factory=dict)
+    description: Dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps({"format_version": FORMAT_VERSION, **self.__dict__}, sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainState":
+        data = json.loads(text)
+        data.pop("format_version", None)
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _rng_state(env: DistEnv) -> Dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(env.device)
+    return state
+
+
+def assert_finite(module: torch.nn.Module, what: str) -> None:
+    """Refuse to save weights that hold NaN or inf (one host sync, at save time only)."""
+    flags = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in module.parameters()]
+    if flags and not bool(torch.stack(flags).all()):
+        raise NonFiniteWeightsError(f"{what} holds NaN or inf values; no checkpoint was written")
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema_state: Dict[str, torch.Tensor],
+    strategy_state: Dict[str, Any],
+    train_state: TrainState,
+    env: DistEnv,
+) -> Path:
+    """Write the whole training state into a local folder (every rank calls this)."""
+    assert_finite(model, "the model")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+        "ema": ema_state,
+        "strategy": {k: v for k, v in strategy_state.items() if isinstance(v, torch.Tensor)},
+        f"rng.rank{env.rank}": _rng_state(env),
+    }
+    dcp.save(state, checkpoint_id=str(directory))
+    if env.is_main:
+        train_state.world_size = env.world_size
+        tmp = directory / (STATE_FILE + ".tmp")
+        tmp.write_text(train_state.to_json())
+        os.replace(tmp, directory / STATE_FILE)
+    return directory
+
+
+def read_train_state(directory: str | os.PathLike) -> TrainState:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"'{directory}' is not a complete checkpoint: {STATE_FILE} is missing")
+    return TrainState.from_json(path.read_text())
+
+
+def is_complete(directory: str | os.PathLike) -> bool:
+    """True when the DCP metadata, every shard file it names and state.json are all present."""
+    directory = Path(directory)
+    if not (directory / METADATA_FILE).is_file() or not (directory / STATE_FILE).is_file():
+        return False
+    try:
+        metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    except Exception:
+        return False
+    files = {info.relative_path for info in (metadata.storage_data or {}).values()}
+    return all((directory / name).is_file() for name in files)
+
+
+def stored_keys(directory: str | os.PathLike) -> set:
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    return set(metadata.state_dict_metadata)
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer],
+    ema_state: Dict[str, torch.Tensor],
+    strategy_state: Dict[str, Any],
+    env: DistEnv,
+) -> TrainState:
+    """Load a checkpoint written by ``save_checkpoint`` into the given (possibly sharded) objects.
+
+    The world size may differ from the saving run's: DCP reshards. ``ema_state`` and
+    ``strategy_state`` are filled in place.
+    """
+    directory = Path(directory)
+    if not is_complete(directory):
+        raise CheckpointError(
+            f"checkpoint '{directory}' is incomplete (an interrupted write?); resume from an earlier one"
+        )
+    train_state = read_train_state(directory)
+    keys = stored_keys(directory)
+    state: Dict[str, Any] = {"model": get_model_state_dict(model), "ema": ema_state}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    strategy_tensors = {k: v for k, v in strategy_state.items() if isinstance(v, torch.Tensor)}
+    if strategy_tensors and any(k.startswith("strategy.") for k in keys):
+        state["strategy"] = strategy_tensors
+    rng_key = f"rng.rank{env.rank}"
+    has_rng = any(k.startswith(rng_key + ".") for k in keys) and train_state.world_size == env.world_size
+    if has_rng:
+        state[rng_key] = _rng_state(env)
+    dcp.load(state, checkpoint_id=str(directory))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    if "strategy" in state:
+        strategy_state.update(state["strategy"])
+    if has_rng:
+        torch.set_rng_state(state[rng_key]["cpu"])
+        if "cuda" in state[rng_key]:
+            torch.cuda.set_rng_state(state[rng_key]["cuda"], env.device)
+    return train_state
