@@ -277,8 +277,12 @@ class StreamSource:
             return rows["image"].float(), labels
         from speed.data.latents import sample_latents
 
-        generator = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step * 131 + offset)
-        return sample_latents(rows, self.cfg.data.latent_scale, generator), labels
+        from speed.train.loop import step_seed
+
+        # A fresh posterior sample per visit, seeded by (seed, step) and this rank's offset.
+        generator = torch.Generator().manual_seed(step_seed(self.cfg.run.seed, step, 2 + offset))
+        latents = sample_latents(rows["latent_mean"], rows["latent_std"], None, self.cfg.data.latent_scale, generator)
+        return latents, labels
 
 
 def _control(stop_actor_name: str):

@@ -158,3 +158,16 @@ def test_lr_schedule_is_pure():
 
     optim = OptimConfig(lr=1.0, warmup_steps=4)
     assert [lr_at(s, optim) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_small_dit_overfits_a_digits_batch(tmp_path):
+    from speed.data.digits import load_digits
+
+    images, labels = load_digits(8, 1)
+    x, y = images[:16], labels[:16]
+    cfg = make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=16", "train.steps=150",
+                   "train.log_every=25", "optim.lr=2e-3", "diffusion.timesteps.name=uniform", "train.checkpoint_every=0",
+                   "model.class_dropout_prob=0.0")
+    result = loop.train(cfg, DistEnv(), FixedSource(x, y), LocalReporter(str(tmp_path / "digits-speed")), progress=False)
+    first, last = result.history[0]["mse"], result.history[-1]["mse"]
+    assert last < 0.5 * first, (first, last)
