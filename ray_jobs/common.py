@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from speed.config import Config, ConfigError, load_config
 from speed.storage import StorageError, redact
+from speed.train.checkpoint import CheckpointError
 
 log = logging.getLogger("speed")
 
@@ -76,7 +77,7 @@ def run_main(phase: str, main: Callable[[List[str]], Any], argv: Optional[Sequen
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         main(argv)
-    except (ConfigError, StorageError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, StorageError, CheckpointError, FileNotFoundError, ValueError) as exc:
         message = redact(str(exc))
         print(f"error: {message}", file=sys.stderr, flush=True)
         emit(f"{phase}_failed", error=message)

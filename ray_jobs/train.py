@@ -220,7 +220,10 @@ def _forward_sigterm(stop_actor) -> None:
         stop_actor.set.remote()
         signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
 
-    signal.signal(signal.SIGTERM, handler)
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a Ray task): nothing to forward
+        pass
 
 
 # --- worker side ---------------------------------------------------------------------------------

@@ -68,6 +68,23 @@ class TrainState:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+FAULT_ENV = "SPEED_FAULT_INJECT"
+
+
+def maybe_inject_fault(point: str, step: int) -> None:
+    """Test hook: ``SPEED_FAULT_INJECT=<point>:<step>:<marker file>`` kills this process at that
+    point once (the marker file records that it fired), e.g. between writing a checkpoint's shards
+    and its state.json, where a real crash's timing could not be reproduced."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    fault_point, fault_step, marker = spec.split(":", 2)
+    if fault_point != point or int(fault_step) != step or os.path.exists(marker):
+        return
+    Path(marker).write_text(f"{point} at step {step}\n")
+    os._exit(17)
+
+
 def _rng_state(env: DistEnv) -> Dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if env.device.type == "cuda":
@@ -104,6 +121,7 @@ def save_checkpoint(
         f"rng.rank{env.rank}": _rng_state(env),
     }
     dcp.save(state, checkpoint_id=str(directory))
+    maybe_inject_fault("checkpoint_write", train_state.step)
     if env.is_main:
         train_state.world_size = env.world_size
         tmp = directory / (STATE_FILE + ".tmp")

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import logging
 import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -409,6 +410,7 @@ class RunFiles:
         if self.tb is not None:
             self.tb.close()
             self._upload_tb()
+            shutil.rmtree(self.tb_dir, ignore_errors=True)
 
 
 # --- periodic sampling and evaluation ------------------------------------------------------------
