@@ -519,6 +519,8 @@ def train(
             metrics = {
                 "step": step,
                 "images_seen": images_seen,
+                "world_size": env.world_size,
+                "global_batch_size": trainer.global_batch,
                 "lr": lr_at(step - 1, cfg.optim),
                 **values,
                 "images_per_sec": steps_done * trainer.global_batch / max(elapsed, 1e-9),

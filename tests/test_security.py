@@ -1,0 +1,82 @@
+"""Weights from outside the run's own checkpoints never unpickle code; local Ray stays on loopback."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from speed.config import load_config
+from speed.train.export import WeightsError, describe, load_export, read_weights, save_export
+
+
+class _Exploit:
+    """Unpickling this runs a command that creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def malicious_file(tmp_path: Path, name: str) -> Path:
+    marker = tmp_path / "pwned"
+    path = tmp_path / name
+    with open(path, "wb") as handle:
+        pickle.dump({"model": _Exploit(marker)}, handle)
+    return path
+
+
+def test_init_from_and_exports_refuse_pickles(tmp_path):
+    bad = malicious_file(tmp_path, "weights.pt")
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        read_weights(str(bad), None, "train.init_from")
+    with pytest.raises(WeightsError, match="inference.checkpoint_uri"):
+        load_export(str(bad), key="inference.checkpoint_uri")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_trainer_init_from_refuses_pickle(tmp_path):
+    from speed.train.distributed import DistEnv
+    from speed.train.loop import Trainer
+
+    bad = malicious_file(tmp_path, "init.safetensors")
+    cfg = load_config(None, ["model.name=DiT-N/2", "parallel.strategy=none", f"train.init_from={bad}"])
+    with pytest.raises(WeightsError, match="train.init_from"):
+        Trainer(cfg, DistEnv()).init_weights_from(str(bad))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_export_round_trip_and_wrong_model_is_named(tmp_path):
+    from speed.train.export import build_model
+
+    cfg = load_config(None, ["model.name=DiT-N/2"])
+    model = build_model(cfg.model, 8, 1)
+    uri = save_export(model.state_dict(), describe(cfg, 5), str(tmp_path / "export"))
+    loaded, description = load_export(uri)
+    assert description.step == 5 and description.input_size == 8
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    other = load_config(None, ["model.name=DiT-T/2"])
+    with pytest.raises(WeightsError, match="do not fit the configured model"):
+        from speed.train.export import load_state_dict_checked
+
+        load_state_dict_checked(build_model(other.model, 8, 1), dict(model.state_dict()), source=uri, key="train.init_from")
+
+
+def test_local_ray_dashboard_binds_loopback(monkeypatch):
+    """init_ray starts local Ray with the dashboard on 127.0.0.1 (checked on the call, not a cluster)."""
+    import ray
+
+    from ray_jobs import common
+
+    calls = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.update(kwargs))
+    common.init_ray(load_config(None, []))
+    assert calls["dashboard_host"] == "127.0.0.1" and calls["address"] == "local"
