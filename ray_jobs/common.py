@@ -48,12 +48,13 @@ def init_ray(cfg: Config, runtime_env: Optional[Dict[str, Any]] = None):
 
     if ray.is_initialized():
         return ray
-    env_vars = {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"env_vars": env_vars, **(runtime_env or {})}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # A submitted job already carries its runtime env (cluster/runtime_env.yaml sets the
+        # thread policy); adding ours would conflict with it.
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}, **(runtime_env or {})}
         ray.init(
             address="local",
             num_cpus=cfg.ray.num_cpus,
