@@ -116,6 +116,13 @@ def test_resume_is_bit_exact(tmp_path):
     b = load_file(resumed.export_uri)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # The final training checkpoint's EMA is what the export holds (samplers accept either).
+    from speed.sample import load_sampling_model
+
+    model, description = load_sampling_model(reporter.latest())
+    assert description.step == 6
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, b[key]), key
     # metrics.jsonl continues from the checkpoint step without duplicates
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "digits-speed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6

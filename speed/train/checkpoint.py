@@ -197,3 +197,38 @@ def load_checkpoint(
         if "cuda" in state[rng_key]:
             torch.cuda.set_rng_state(state[rng_key]["cuda"], env.device)
     return train_state
+
+
+def load_ema_model(uri: str, storage_cfg=None, *, key: str = "inference.checkpoint_uri", device=None):
+    """The EMA DiT stored in a training checkpoint (any world size), with its model description.
+
+    Reads DCP, whose metadata is pickled: use this only on checkpoints of your own runs' storage.
+    Exports (safetensors) are the format to share.
+    """
+    import tempfile
+
+    from speed import storage
+    from speed.train.export import ModelDescription, build_model
+
+    with tempfile.TemporaryDirectory(prefix="speed-ema-") as scratch:
+        local = Path(storage.local_copy(uri, scratch, storage_cfg))
+        if not is_complete(local):
+            raise CheckpointError(f"{key}: '{uri}' is not a complete training checkpoint (.metadata, shards and state.json)")
+        state = read_train_state(local)
+        description = ModelDescription(**state.description)
+        model = build_model(description.model_config(), description.input_size, description.in_channels)
+        ema = {k: v.clone() for k, v in model.state_dict().items()}
+        dcp.load({"ema": ema}, checkpoint_id=str(local))
+        model.load_state_dict(ema, strict=True)
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    return model, description
+
+
+def is_training_checkpoint(uri: str, storage_cfg=None) -> bool:
+    from speed import storage
+
+    return storage.exists(storage.join(uri, STATE_FILE), storage_cfg) and storage.exists(
+        storage.join(uri, METADATA_FILE), storage_cfg
+    )

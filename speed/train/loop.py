@@ -428,13 +428,15 @@ def _evaluate(model: torch.nn.Module, description, cfg: Config) -> Dict[str, flo
     """digits-FID and class accuracy of EMA samples (the CPU configs' metric)."""
     if cfg.eval.feature_extractor != "digits" or description.is_latent:
         return {}
-    from speed.evaluate import digits_metrics
+    from speed.evaluate import default_classifier_uri, digits_metrics, get_digits_classifier
     from speed.sample import generate
 
     n = cfg.train.eval_num_samples
     labels = [i % cfg.model.num_classes for i in range(n)]
     images = generate(model, description, cfg.sampling, labels, list(range(n)), cfg.run.seed + 1, "cpu")
-    return digits_metrics(images, labels)
+    # The classifier is trained once and cached beside the runs, not retrained by every worker.
+    classifier = get_digits_classifier(default_classifier_uri(cfg), cfg.storage)
+    return digits_metrics(images, labels, classifier=classifier)
 
 
 # --- the loop ------------------------------------------------------------------------------------

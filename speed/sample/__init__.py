@@ -1,0 +1,68 @@
+"""Sampling: deterministic per-sample generation, image grids, sample shards and ADM .npz files."""
+
+from speed.sample.generate import (
+    generate,
+    generate_tensor,
+    guided_forward,
+    sample_generators,
+    sample_labels,
+    sample_seed,
+    sampling_diffusion,
+    to_uint8,
+)
+from speed.sample.grid import grid_array, make_grid_png
+from speed.sample.npz import NpzArray, NpzFormatError, NpzWriter, npz_keys, read_small_arrays
+from speed.sample.shards import (
+    MANIFEST_NAME,
+    NPZ_NAME,
+    PREVIEW_NAME,
+    RESULT_NAME,
+    SHARDS_DIR,
+    ShardPlan,
+    claim_output,
+    decode_shard,
+    encode_shard,
+    find_samples_npz,
+    pending_ranges,
+    sampling_manifest,
+    shard_name,
+    shard_uri,
+    write_samples_npz,
+)
+from speed.sample.weights import load_sampling_model, read_description, resolve_weights_uri
+
+__all__ = [
+    "MANIFEST_NAME",
+    "NPZ_NAME",
+    "NpzArray",
+    "NpzFormatError",
+    "NpzWriter",
+    "PREVIEW_NAME",
+    "RESULT_NAME",
+    "SHARDS_DIR",
+    "ShardPlan",
+    "claim_output",
+    "decode_shard",
+    "encode_shard",
+    "find_samples_npz",
+    "generate",
+    "generate_tensor",
+    "grid_array",
+    "guided_forward",
+    "load_sampling_model",
+    "make_grid_png",
+    "npz_keys",
+    "pending_ranges",
+    "read_description",
+    "read_small_arrays",
+    "resolve_weights_uri",
+    "sample_generators",
+    "sample_labels",
+    "sample_seed",
+    "sampling_diffusion",
+    "sampling_manifest",
+    "shard_name",
+    "shard_uri",
+    "to_uint8",
+    "write_samples_npz",
+]
