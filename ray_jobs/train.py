@@ -104,7 +104,10 @@ def preflight(cfg: Config) -> Tuple[int, Optional[str]]:
     return 0, None
 
 
-def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, datasets: Optional[Dict[str, Any]] = None):
+def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, datasets: Optional[Dict[str, Any]] = None,
+                  callbacks: Optional[List[Any]] = None):
+    """The TorchTrainer of a run; ``callbacks`` (Ray Train UserCallbacks, e.g. Tune's
+    TuneReportCallback when a Tune trial drives it) go into its RunConfig."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -140,6 +143,7 @@ def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, 
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=list(callbacks) if callbacks else None,
         ),
         datasets=datasets,
     )

@@ -332,6 +332,11 @@ def local_copy(uri: str, dest_dir: str, storage: Optional[StorageConfig] = None)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(read_bytes(uri, storage))
         return str(target)
+    # pyarrow's copy_files does not create the local destination folder (or its subfolders).
+    for entry in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if entry.type == pafs.FileType.Directory:
+            (target / entry.path[len(path.rstrip("/")) :].lstrip("/")).mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return str(target)
 
