@@ -104,8 +104,32 @@ def preflight(cfg: Config) -> Tuple[int, Optional[str]]:
     return 0, None
 
 
+def training_datasets(cfg: Config, start_step: int) -> Optional[Dict[str, Any]]:
+    """The streamed dataset covering the rest of the run in one pass (None for in-memory digits).
+
+    A Ray Dataset replays identically on every pass, so it holds all remaining epochs, each with
+    its own seeded file order and flips, starting at the files the run has not consumed yet.
+    """
+    if cfg.data.format == "digits":
+        return None
+    from ray_jobs.data import build_train_dataset, dataset_size, epochs_to_cover
+
+    size = dataset_size(cfg)
+    images_seen = start_step * cfg.train.global_batch_size
+    remaining = (cfg.train.steps - start_step) * cfg.train.global_batch_size
+    return {
+        "train": build_train_dataset(
+            cfg,
+            seed=cfg.run.seed,
+            epoch=images_seen // size,
+            skip_images=images_seen % size,
+            num_epochs=epochs_to_cover(images_seen, remaining, size),
+        )
+    }
+
+
 def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, datasets: Optional[Dict[str, Any]] = None,
-                  callbacks: Optional[List[Any]] = None):
+                  callbacks: Optional[List[Any]] = None, start_step: int = 0):
     """The TorchTrainer of a run; ``callbacks`` (Ray Train UserCallbacks, e.g. Tune's
     TuneReportCallback when a Tune trial drives it) go into its RunConfig."""
     import ray.train
@@ -127,12 +151,19 @@ def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, 
     )
     from ray.train.torch import TorchConfig
 
+    dataset_config = None
+    if datasets:
+        from ray_jobs.data import ingest_options
+
+        # Ray Train replaces a dataset's own execution options; keep rows in file order.
+        dataset_config = ray.train.DataConfig(execution_options=ingest_options())
     return TorchTrainer(
         train_loop_per_worker=train_worker,
         train_loop_config={
             "config": to_dict(cfg, redact=False),
             "resume_uri": resume_uri,
             "stop_actor": stop_actor_name,
+            "fit_start_step": start_step,
         },
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo",
@@ -146,6 +177,7 @@ def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, 
             callbacks=list(callbacks) if callbacks else None,
         ),
         datasets=datasets,
+        dataset_config=dataset_config,
     )
 
 
@@ -158,19 +190,11 @@ def _main(argv: List[str]) -> None:
             "raise train.steps to continue it or choose a new run.name"
         )
     ray = init_ray(cfg)
-    datasets = None
-    if cfg.data.format != "digits":
-        from ray_jobs.data import build_train_dataset, dataset_size
-
-        size = dataset_size(cfg)
-        images_seen = start_step * cfg.train.global_batch_size
-        datasets = {
-            "train": build_train_dataset(cfg, seed=cfg.run.seed, epoch=images_seen // size, skip_images=images_seen % size)
-        }
+    datasets = training_datasets(cfg, start_step)
     stop_actor_name = f"{STOP_ACTOR_PREFIX}{uuid.uuid4().hex[:8]}"
     stop_actor = _create_stop_actor(stop_actor_name)
     _forward_sigterm(stop_actor)
-    trainer = build_trainer(cfg, resume_uri, stop_actor_name, datasets)
+    trainer = build_trainer(cfg, resume_uri, stop_actor_name, datasets, start_step=start_step)
     result = trainer.fit()
     ray.kill(stop_actor)
     metrics = result.metrics or {}
@@ -249,41 +273,48 @@ class RayReporter:
 
 
 class StreamSource:
-    """This rank's share of each global batch from its Ray Data shard; a new pass per epoch."""
+    """This rank's share of each global batch from its Ray Data shard, in one pass.
 
-    def __init__(self, shard, cfg: Config):
+    The dataset starts where this invocation started (``fit_start_step``). After a worker restart
+    within the same invocation (worker loss, elastic resize) the loop resumes at a later step, so
+    the batches between are read and dropped: data is never trained on twice.
+    """
+
+    def __init__(self, shard, cfg: Config, fit_start_step: int):
         self.shard = shard
         self.cfg = cfg
-        self.epoch = 0
+        self.next_step = fit_start_step
         self.iterator = None
-        self.count = None
 
     def _next_rows(self, count: int) -> Dict[str, torch.Tensor]:
-        for _ in range(2):
-            if self.iterator is None:
-                self.iterator = iter(
-                    self.shard.iter_torch_batches(
-                        batch_size=count,
-                        drop_last=True,
-                        local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None,
-                        local_shuffle_seed=self.cfg.run.seed + self.epoch,
-                        prefetch_batches=self.cfg.data.prefetch_batches,
-                    )
+        if self.iterator is None:
+            self.iterator = iter(
+                self.shard.iter_torch_batches(
+                    batch_size=count,
+                    drop_last=True,
+                    local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None,
+                    local_shuffle_seed=self.cfg.run.seed,
+                    prefetch_batches=self.cfg.data.prefetch_batches,
                 )
-            try:
-                return next(self.iterator)
-            except StopIteration:
-                self.iterator = None
-                self.epoch += 1
-        raise RuntimeError("the training dataset shard yielded no full batch; it is smaller than one batch share")
+            )
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            raise RuntimeError(
+                "the training dataset ran out before train.steps; it covers the run's remaining epochs, "
+                "so the dataset changed while training (files removed?)"
+            ) from None
 
     def batch(self, step: int, offset: int, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        while self.next_step < step:  # restarted later than this invocation began
+            self._next_rows(count)
+            self.next_step += 1
         rows = self._next_rows(count)
+        self.next_step = step + 1
         labels = rows["label"].long()
         if "image" in rows:
             return rows["image"].float(), labels
         from speed.data.latents import sample_latents
-
         from speed.train.loop import step_seed
 
         # A fresh posterior sample per visit, seeded by (seed, step) and this rank's offset.
@@ -325,7 +356,7 @@ def train_worker(loop_config: Dict[str, Any]) -> None:
         images, labels = load_digits(cfg.data.resolution, cfg.data.channels)
         source = IndexedSource(images, labels, cfg.run.seed, cfg.train.global_batch_size)
     else:
-        source = StreamSource(ray.train.get_dataset_shard("train"), cfg)
+        source = StreamSource(ray.train.get_dataset_shard("train"), cfg, int(loop_config.get("fit_start_step", 0)))
     stop = StopRequested()
     stop.install()
     checkpoint = ray.train.get_checkpoint()

@@ -1,0 +1,353 @@
+"""Convergence speed-up of each timestep strategy over uniform sampling (SpeeD's "x faster").
+
+    python -m benchmarks.speedup [--quick] [--out DIR] [--strategies a,b] [--seeds 0,1,2] [key=value ...]
+
+Trains the same DiT on the same data with every strategy of the registry
+(``speed.diffusion.TIMESTEP_STRATEGIES``: uniform, speed, speed_v1, p2, min_snr, logit_normal,
+lognormal, loss_aware) for a fixed step budget, with the same seeds for every strategy (default
+0, 1, 2), evaluating the EMA model every ``train.eval_every`` steps with the digits evaluator
+(digits-FID, class accuracy; ``speed.evaluate.digits_metrics`` through the training loop's own
+periodic evaluation). Then, per strategy, with ``speed.experiments`` (the code the Tune ablations
+use):
+
+- the digits-FID (and class-accuracy) curve, seed mean with its min-max band;
+- the steps needed to reach the uniform baseline's final digits-FID, and the speed-up = baseline
+  steps / strategy steps, seed by seed against the uniform run of the same seed, summarised as
+  ``speedup`` (of the seed-mean curves) with ``speedup_min``/``speedup_max`` over seeds;
+  ``speedup`` is null where the target is never reached within the budget (see
+  ``speed.experiments.convergence`` for the exact definitions).
+
+How the trials run: in-process, one after the other, with ``speed.train.loop.train`` (no Ray):
+on a small machine that is simpler and faster than a Tune experiment (no actor start-up per
+trial), and the numbers are the same code path (Trainer, EMA, periodic evaluation). The same grid
+through Ray Tune is ``python -m ray_jobs.tune -c configs/ablations/digits_strategies.yaml``.
+Each run lives in ``<run.output_uri>/speedup[-quick]/<trial>`` with its checkpoints, so an
+interrupted benchmark rerun with the same arguments resumes its runs and skips finished ones.
+
+Data: the embedded digits by default; ``data.format=imagefolder data.uri=PATH`` (plus
+``data.resolution``/``data.channels``) trains on any local or s3:// imagefolder, loaded into
+memory (small datasets; larger ones belong on the Tune path, which streams with Ray Data). The
+digits evaluator judges samples as 8x8 grey digits, so its numbers mean most on digit-like data.
+
+Budgets: the full run is the digits recipe (DiT-T/2, batch 64, 1200 steps, 500 evaluation
+samples, DDIM-50) for 8 strategies x 3 seeds: several hours on a 2-core machine. ``--quick``
+(uniform, speed, speed_v1; seeds 0, 1; 300 steps, 160 evaluation samples, DDIM-20) takes about
+15 minutes there. Benchmarks are not tests and CI does not run them.
+
+Writes ``<out>/speedup.json`` (``strategies``: one entry per strategy with ``speedup``,
+``speedup_min``, ``speedup_max``, ``final_metric`` and the curves), ``speedup.md`` (summary and
+per-run tables), ``speedup.png`` (curves) and ``speedup_timesteps.png`` (each strategy's pmf and
+weights); default out: ``benchmarks/results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import warnings  # noqa: E402
+
+# Single-process checkpoints are intended here; torch warns about every save otherwise.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+import torch  # noqa: E402
+
+from speed import storage  # noqa: E402
+from speed.config import Config, ConfigError, load_config  # noqa: E402
+from speed.config.load import apply_overrides  # noqa: E402
+from speed.experiments import (  # noqa: E402
+    TrialRecord,
+    build_rows,
+    check_search_space,
+    grid_points,
+    metric_curve,
+    parse_search_space,
+    rows_to_markdown,
+    speedup_summary,
+    trial_run_name,
+)
+from speed.experiments.outputs import grouped_curves, timestep_variants  # noqa: E402
+from speed.experiments.plots import plot_curves, plot_timesteps  # noqa: E402
+from speed.experiments.space import SEED_KEY, STRATEGY_KEY  # noqa: E402
+
+BASE_CONFIG = "configs/digits/speed.yaml"
+RUN_FILE = "speedup_run.json"  # a run's accumulated wall time (training + evaluation), over resumes
+BASELINE = "uniform"
+PRIMARY = ("digits_fid", "min")
+SECONDARY = ("class_accuracy", "max")
+FULL = {
+    "strategies": None,  # every registry strategy
+    "seeds": [0, 1, 2],
+    "overrides": ["train.eval_every=100", "train.log_every=50", "train.checkpoint_every=200"],
+}
+QUICK = {
+    "strategies": ["uniform", "speed", "speed_v1"],
+    "seeds": [0, 1],
+    "overrides": [
+        "train.steps=300",
+        "train.eval_every=50",
+        "train.log_every=25",
+        "train.checkpoint_every=100",
+        "train.eval_num_samples=160",
+        "sampling.steps=20",
+        "optim.warmup_steps=25",
+    ],
+}
+
+
+def log(message: str) -> None:
+    print(f"[speedup {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def load_dataset(cfg: Config) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(images float [N, C, R, R] in [-1, 1], labels [N]) held in memory."""
+    if cfg.data.format == "digits":
+        from speed.data.digits import load_digits
+
+        return load_digits(cfg.data.resolution, cfg.data.channels)
+    if cfg.data.format != "imagefolder":
+        raise ConfigError(
+            f"data.format={cfg.data.format}: the in-process benchmark reads digits or an imagefolder; run other "
+            "formats through Ray Tune (python -m ray_jobs.tune -c configs/ablations/digits_strategies.yaml ...)"
+        )
+    import numpy as np
+
+    from speed.data.catalog import scan_imagefolder
+    from speed.data.transforms import load_and_crop, to_model_tensor
+
+    catalog = scan_imagefolder(cfg.data, cfg.storage, cfg.model.num_classes)
+    arrays, labels, bad = [], [], 0
+    for relative in catalog.files:
+        try:
+            blob = storage.read_bytes(catalog.file_uri(relative), cfg.storage)
+            arrays.append(load_and_crop(blob, cfg.data.resolution, cfg.data.channels))
+        except Exception as exc:  # corrupt or non-image file
+            if cfg.data.on_error == "raise":
+                raise ValueError(f"data.uri: cannot read '{catalog.file_uri(relative)}': {exc}") from exc
+            bad += 1
+            continue
+        labels.append(catalog.class_to_label[relative.split("/", 1)[0]])
+    if bad:
+        log(f"skipped {bad} unreadable file(s) under {cfg.data.uri}")
+    if not arrays:
+        raise ValueError(f"data.uri: no readable images under '{cfg.data.uri}'")
+    return to_model_tensor(np.stack(arrays)), torch.tensor(labels, dtype=torch.long)
+
+
+# --- one trial -----------------------------------------------------------------------------------
+
+
+def run_trial(cfg: Config, data: Tuple[torch.Tensor, torch.Tensor], progress: bool = False) -> Dict[str, Any]:
+    """Train one config in-process (resuming its run if an earlier benchmark was interrupted);
+    returns {"history": [...], "wall_s": seconds of this call, "resumed_from": step}."""
+    from speed.train import loop
+    from speed.train.distributed import DistEnv
+    from speed.train.sources import IndexedSource, LocalReporter
+
+    run = storage.join(cfg.run.output_uri, cfg.run.name)
+    history_uri = storage.join(run, "metrics.jsonl")
+    wall_uri = storage.join(run, RUN_FILE)
+    wall = json.loads(storage.read_text(wall_uri))["wall_s"] if storage.exists(wall_uri) else 0.0
+    reporter = LocalReporter(run, keep=1)
+    history = _read_history(history_uri)
+    if history and max(r.get("step", 0) for r in history) >= cfg.train.steps and storage.exists(
+        storage.join(run, "export", "ema.safetensors")
+    ):
+        return {"history": history, "wall_s": wall, "resumed_from": cfg.train.steps}
+    images, labels = data
+    source = IndexedSource(images, labels, cfg.run.seed, cfg.train.global_batch_size)
+    start = time.perf_counter()
+    result = loop.train(cfg, DistEnv(), source, reporter, resume_dir=reporter.latest(), progress=progress)
+    wall += time.perf_counter() - start
+    storage.write_text(wall_uri, json.dumps({"wall_s": wall}))
+    return {"history": _read_history(history_uri) or result.history, "wall_s": wall, "resumed_from": result.start_step}
+
+
+def _read_history(uri: str) -> List[Dict[str, Any]]:
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+# --- the benchmark -------------------------------------------------------------------------------
+
+
+def build(args) -> Tuple[Config, List[Dict[str, Any]], List[str], List[int], str]:
+    from speed.diffusion import TIMESTEP_STRATEGIES
+
+    preset = QUICK if args.quick else FULL
+    strategies = args.strategies.split(",") if args.strategies else (preset["strategies"] or list(TIMESTEP_STRATEGIES))
+    if BASELINE not in strategies:
+        strategies = [BASELINE, *strategies]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset["seeds"])
+    name = "speedup-quick" if args.quick else "speedup"
+    overrides = [*preset["overrides"], "parallel.strategy=none", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    dims = parse_search_space({STRATEGY_KEY: strategies, SEED_KEY: seeds})
+    check_search_space(cfg, dims)  # every strategy x seed is a valid config, before any training
+    trials = grid_points(dims)
+    return cfg, trials, strategies, seeds, name
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speedup", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="uniform, speed, speed_v1; 2 seeds; ~15 min on 2 cores")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for speedup.json/.md/.png")
+    parser.add_argument("--config", default=BASE_CONFIG, help=f"training config (default {BASE_CONFIG})")
+    parser.add_argument("--strategies", default=None, help="comma-separated strategies (uniform is always added)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, the same for every strategy")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar per run")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.format=imagefolder data.uri=...")
+    args = parser.parse_args(argv)
+    try:
+        cfg, trials, strategies, seeds, name = build(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    data = load_dataset(cfg)
+    runs_root = storage.join(cfg.run.output_uri, name)
+    log(f"{len(trials)} runs ({', '.join(strategies)} x seeds {seeds}), {cfg.train.steps} steps each, "
+        f"model {cfg.model.name}, {len(data[1])} images; runs under {runs_root}")
+    started = time.time()
+    records: List[TrialRecord] = []
+    for index, values in enumerate(trials):
+        run_name = trial_run_name(index, values)
+        trial_cfg = apply_overrides(cfg, {**values, "run.name": run_name, "run.output_uri": runs_root})
+        log(f"run {index + 1}/{len(trials)}: {run_name}")
+        out = run_trial(trial_cfg, data, progress=args.progress)
+        fid = metric_curve(out["history"], PRIMARY[0])
+        log(f"  done ({out['wall_s']:.0f}s of training and evaluation); "
+            f"{PRIMARY[0]} {' '.join(f'{s}:{v:.2f}' for s, v in fid)}")
+        records.append(TrialRecord(
+            name=run_name, overrides=values, strategy=values[STRATEGY_KEY], seed=values[SEED_KEY],
+            history=out["history"], status="done", wall_s=out["wall_s"],
+            run_uri=storage.join(runs_root, run_name),
+        ))
+    log(f"all runs done in {time.time() - started:.0f}s")
+    report = summarize(records, cfg, strategies, seeds, args, sum(r.wall_s or 0.0 for r in records))
+    write_outputs(report, records, cfg, Path(args.out))
+    print(json.dumps({"event": "speedup_done", "out": str(Path(args.out) / "speedup.json"),
+                      "speedup": {k: v["speedup"] for k, v in report["strategies"].items()}}), flush=True)
+    return 0
+
+
+def summarize(records: Sequence[TrialRecord], cfg: Config, strategies: Sequence[str], seeds: Sequence[int],
+              args, wall_s: float) -> Dict[str, Any]:
+    by_strategy: Dict[str, Dict[str, Dict[int, list]]] = {}
+    for metric, _ in (PRIMARY, SECONDARY):
+        curves: Dict[str, Dict[int, list]] = {s: {} for s in strategies}
+        for r in records:
+            curves[r.strategy][r.seed] = metric_curve(r.history, metric)
+        by_strategy[metric] = curves
+    primary = speedup_summary(by_strategy[PRIMARY[0]], baseline=BASELINE, mode=PRIMARY[1])
+    secondary = speedup_summary(by_strategy[SECONDARY[0]], baseline=BASELINE, mode=SECONDARY[1])
+    entries = {}
+    for name in strategies:
+        entry = dict(primary[name])
+        entry["metric"] = PRIMARY[0]
+        entry[SECONDARY[0]] = {k: v for k, v in secondary[name].items()}
+        entries[name] = entry
+    return {
+        "benchmark": "speedup",
+        "quick": bool(args.quick),
+        "command": "python -m benchmarks.speedup " + " ".join(sys.argv[1:] if args is not None else []),
+        "metric": PRIMARY[0],
+        "mode": PRIMARY[1],
+        "baseline": BASELINE,
+        "seeds": list(seeds),
+        "steps": cfg.train.steps,
+        "eval_every": cfg.train.eval_every,
+        "eval_num_samples": cfg.train.eval_num_samples,
+        "model": cfg.model.name,
+        "data": {"format": cfg.data.format, "uri": cfg.data.uri, "resolution": cfg.data.resolution,
+                 "channels": cfg.data.channels},
+        "global_batch_size": cfg.train.global_batch_size,
+        "sampling": {"sampler": cfg.sampling.sampler, "steps": cfg.sampling.steps,
+                     "guidance_scale": cfg.sampling.guidance_scale},
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "wall_s": wall_s,  # sum of the runs' training + evaluation time (over resumes)
+        "definitions": (
+            "target = the uniform baseline's final metric; steps = first evaluation step reaching it; "
+            "speedup = baseline steps / strategy steps (seed-mean curves); speedup_min/max = range of the "
+            "per-seed speed-ups against the uniform run of the same seed (min is null when a seed never "
+            "reaches its target); null = never reached within the budget. Steps are evaluation steps, so "
+            "speed-ups finer than the evaluation grid read as 1; speedup_interpolated uses the crossing "
+            "points interpolated linearly between evaluations"
+        ),
+        "strategies": entries,
+    }
+
+
+def _fmt(value: Any, none: str = "never") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def render_markdown(report: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
+    metric, second = report["metric"], SECONDARY[0]
+    lines = [
+        f"# Convergence speed-up over uniform timesteps ({'quick' if report['quick'] else 'full'})",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"{report['model']} on {report['data']['format']} ({report['data']['resolution']}px), global batch "
+        f"{report['global_batch_size']}, {report['steps']} steps, EMA evaluated every {report['eval_every']} steps "
+        f"on {report['eval_num_samples']} samples ({report['sampling']['sampler']}-{report['sampling']['steps']}, "
+        f"guidance {report['sampling']['guidance_scale']}); seeds {report['seeds']}; "
+        f"{report['wall_s'] / 60:.1f} min of training and evaluation on {report['host']['cpus']} CPUs.",
+        "",
+        f"Target: the uniform baseline's final {metric}. {report['definitions']}. "
+        "In the range, '?' marks an unknown minimum (some seed never reached its target).",
+        "",
+        f"| strategy | final {metric} (mean [min, max]) | steps to target | baseline steps | speed-up | "
+        f"speed-up range over seeds | seeds reaching | interpolated speed-up [range] | final {second} | "
+        f"speed-up by {second} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, e in report["strategies"].items():
+        s2 = e[second]
+        lines.append(
+            f"| {name} | {_fmt(e['final_metric'])} [{_fmt(e['final_metric_min'])}, {_fmt(e['final_metric_max'])}] | "
+            f"{_fmt(e['steps_to_target'])} | {_fmt(e['baseline_steps'])} | {_fmt(e['speedup'])} | "
+            f"[{_fmt(e['speedup_min'], '?')}, {_fmt(e['speedup_max'], 'never')}] | {e['seeds_reached']}/{e['seeds']} | "
+            f"{_fmt(e['speedup_interpolated'])} [{_fmt(e['speedup_interpolated_min'], '?')}, "
+            f"{_fmt(e['speedup_interpolated_max'], 'never')}] | {_fmt(s2['final_metric'])} | {_fmt(s2['speedup'])} |"
+        )
+    lines += ["", "## Runs", "", rows_to_markdown(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(report: Dict[str, Any], records: Sequence[TrialRecord], cfg: Config, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = build_rows(records, PRIMARY[0], PRIMARY[1], baseline=BASELINE)
+    (out / "speedup.json").write_text(json.dumps(report, indent=1, sort_keys=False, default=str) + "\n")
+    (out / "speedup.md").write_text(render_markdown(report, rows))
+    targets = {m: report["strategies"][BASELINE].get("target") if m == PRIMARY[0]
+               else report["strategies"][BASELINE][SECONDARY[0]].get("target") for m in (PRIMARY[0], SECONDARY[0])}
+    title = f"{report['model']}, {report['steps']} steps, seeds {report['seeds']}"
+    (out / "speedup.png").write_bytes(plot_curves(
+        [(PRIMARY[0], grouped_curves(records, PRIMARY[0])), (SECONDARY[0], grouped_curves(records, SECONDARY[0]))],
+        title=title, targets=targets,
+    ))
+    (out / "speedup_timesteps.png").write_bytes(plot_timesteps(timestep_variants(records, cfg), title="timestep strategies"))
+    log(f"wrote {out / 'speedup.json'}, speedup.md, speedup.png, speedup_timesteps.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
