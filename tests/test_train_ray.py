@@ -79,6 +79,9 @@ def test_failures_before_training(s3_endpoint, s3_bucket, tmp_path, capsys, monk
     assert train_job.main([*TINY, f"run.output_uri={s3_bucket}/runs", "storage.endpoint_url=http://127.0.0.1:9",
                            "storage.connect_timeout_s=1"]) == 2
     assert "cannot reach endpoint http://127.0.0.1:9" in capsys.readouterr().err
+    # A checkpoint URI that does not exist.
+    assert train_job.main([*TINY, f"run.output_uri={tmp_path}", f"train.resume_from={tmp_path}/nope"]) == 2
+    assert "train.resume_from: checkpoint" in capsys.readouterr().err
 
 
 def test_checkpoint_of_another_model_size_is_refused(tmp_path, capsys):
