@@ -1,13 +1,9 @@
-"""Faults with real processes: a SIGKILLed Ray Train worker, a crash in the middle of a checkpoint
-write, and secrets that must not leak into anything the job writes."""
+"""Secrets must not leak into anything a job writes (logs, configs, metrics, error messages)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -31,61 +27,6 @@ TINY = [
     "ray.cpus_per_worker=0.5",
     "ray.max_failures=2",
 ]
-
-
-def metrics_steps(run_dir: Path):
-    return [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-
-
-def last_json(out: str) -> dict:
-    return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
-
-
-def test_crash_during_checkpoint_write_resumes_from_previous(ray_session, tmp_path, monkeypatch, capsys):
-    marker = tmp_path / "fault-fired"
-    monkeypatch.setenv("SPEED_FAULT_INJECT", f"checkpoint_write:4:{marker}")
-    # Workers inherit the driver's environment through the runtime env.
-    args = [*TINY, f"run.output_uri={tmp_path}", "run.name=crash", "train.steps=6", "train.checkpoint_every=2",
-            "ray.num_workers=1"]
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def run():
-        return train_job.main(args)
-
-    code = ray.get(run.options(runtime_env={"env_vars": {"SPEED_FAULT_INJECT": os.environ["SPEED_FAULT_INJECT"]}}).remote())
-    assert code == 0
-    assert marker.exists(), "the fault never fired"
-    run_dir = tmp_path / "crash"
-    steps = metrics_steps(run_dir)
-    assert steps == sorted(set(steps)) and steps[-1] == 6
-    # Every checkpoint folder the run kept is complete: the half-written one was never registered.
-    for folder in run_dir.glob("checkpoint_*"):
-        assert (folder / "state.json").is_file() and (folder / ".metadata").is_file()
-
-
-def test_sigkilled_worker_restarts_from_checkpoint(ray_session, tmp_path, capsys):
-    from ray.util.state import list_actors
-
-    args = [*TINY, f"run.output_uri={tmp_path}", "run.name=killed", "train.steps=40", "train.checkpoint_every=4",
-            "ray.num_workers=2"]
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("code", train_job.main(args)))
-    thread.start()
-    run_dir = tmp_path / "killed"
-    deadline = time.time() + 300
-    while not any((p / "state.json").exists() for p in run_dir.glob("checkpoint_*")):
-        assert time.time() < deadline and thread.is_alive(), "no checkpoint appeared"
-        time.sleep(0.5)
-    workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "RayTrainWorker"]
-    assert workers
-    os.kill(workers[-1].pid, signal.SIGKILL)
-    thread.join(timeout=600)
-    assert result.get("code") == 0
-    record = last_json(capsys.readouterr().out)
-    assert record["steps"] == 40
-    steps = metrics_steps(run_dir)
-    assert steps == sorted(set(steps)) and steps[-1] == 40
 
 
 def test_secrets_never_written(ray_session, s3_bucket, s3_endpoint, tmp_path, capsys):
