@@ -10,7 +10,7 @@ from speed.config import ConfigError, all_keys, apply_overrides, config_from_dic
 def test_default_is_embedded_digits_speed():
     cfg = load_config()
     assert cfg.data.format == "digits" and cfg.diffusion.timesteps.name == "speed"
-    assert cfg.model.name == "DiT-T/2" and cfg.run.name == "digits-speed"
+    assert cfg.model.name == "DiT-D/2" and cfg.run.name == "digits-speed"
 
 
 def test_base_chain_file_phase_and_overrides(tmp_path):

@@ -7,14 +7,15 @@ import torch.nn as nn
 
 from speed.models.dit import DiT
 
-# Backbone sizes from the DiT paper (Table 1) plus two small ones for CPU work:
-# T(iny) for quick experiments and N(ano) for unit tests.
+# Backbone sizes from the DiT paper (Table 1) plus small ones for CPU work: T(iny) for quick
+# experiments, D(igits) for the embedded default (minutes on two cores) and N(ano) for unit tests.
 _BACKBONES: Dict[str, Dict[str, int]] = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
     "T": dict(depth=6, hidden_size=192, num_heads=3),
+    "D": dict(depth=4, hidden_size=128, num_heads=4),
     "N": dict(depth=2, hidden_size=64, num_heads=2),
 }
 _PATCH_SIZES: Dict[str, tuple] = {
@@ -23,6 +24,7 @@ _PATCH_SIZES: Dict[str, tuple] = {
     "L": (2, 4, 8),
     "XL": (2, 4, 8),
     "T": (2, 4),
+    "D": (2,),
     "N": (2, 1),
 }
 
