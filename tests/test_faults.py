@@ -1,4 +1,5 @@
-"""Secrets must not leak into anything a job writes (logs, configs, metrics, error messages)."""
+"""Faults with real processes: a crash in the middle of a checkpoint write, and secrets that must
+not leak into anything a job writes (logs, configs, metrics, error messages)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,35 @@ TINY = [
     "ray.cpus_per_worker=0.5",
     "ray.max_failures=2",
 ]
+
+
+def metrics_steps(run_dir: Path):
+    return [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def test_crash_during_checkpoint_write_resumes_from_previous(ray_session, tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "fault-fired"
+    monkeypatch.setenv("SPEED_FAULT_INJECT", f"checkpoint_write:4:{marker}")
+    # Workers inherit the driver's environment through the runtime env.
+    args = [*TINY, f"run.output_uri={tmp_path}", "run.name=crash", "train.steps=6", "train.checkpoint_every=2",
+            "ray.num_workers=1"]
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def run():
+        return train_job.main(args)
+
+    code = ray.get(run.options(runtime_env={"env_vars": {"SPEED_FAULT_INJECT": os.environ["SPEED_FAULT_INJECT"]}}).remote())
+    assert code == 0
+    assert marker.exists(), "the fault never fired"
+    run_dir = tmp_path / "crash"
+    steps = metrics_steps(run_dir)
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    # Every checkpoint folder the run kept is complete: the half-written one was never registered.
+    folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    assert folders
+    for folder in folders:
+        assert (folder / "state.json").is_file() and (folder / ".metadata").is_file()
 
 
 def test_secrets_never_written(ray_session, s3_bucket, s3_endpoint, tmp_path, capsys):
