@@ -115,7 +115,11 @@ class BadInputTally:
 
 
 def _tally(max_logged: int):
-    tally = BadInputTally.options(name=BAD_INPUT_ACTOR, get_if_exists=True).remote(max_logged)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node, so losing a worker node does not reset the counts.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    tally = BadInputTally.options(name=BAD_INPUT_ACTOR, get_if_exists=True, scheduling_strategy=here).remote(max_logged)
     tally.configure.remote(max_logged)  # an existing tally follows the newest data.max_logged_errors
     return tally
 

@@ -21,7 +21,7 @@ import torch
 from ray_jobs.common import emit, init_ray, load_job_config, run_main
 from speed import storage
 from speed.config import Config, ConfigError, config_from_dict, num_workers_range, to_dict
-from speed.train.checkpoint import CheckpointError, TrainState, is_complete
+from speed.train.checkpoint import CheckpointError, TrainState, incomplete_reason, stored_incomplete_reason
 from speed.train.export import WEIGHTS_NAME, describe
 
 log = logging.getLogger("speed.train")
@@ -50,6 +50,17 @@ def _checkpoint_uris(cfg: Config) -> List[str]:
                 step = TrainState.from_json(storage.read_text(state_uri, cfg.storage)).step
                 found.append((step, storage.join(run_uri(cfg), name)))
     return [uri for _, uri in sorted(found)]
+
+
+def latest_complete_checkpoint(cfg: Config) -> Optional[str]:
+    """The newest checkpoint folder of this run whose every part arrived (see
+    ``stored_incomplete_reason``); incomplete newer ones are logged and passed over."""
+    for uri in reversed(_checkpoint_uris(cfg)):
+        reason = stored_incomplete_reason(uri, cfg.storage)
+        if reason is None:
+            return uri
+        log.warning("skipping incomplete checkpoint %s: %s", uri, reason)
+    return None
 
 
 def read_checkpoint_state(uri: str, cfg: Config, key: str) -> TrainState:
@@ -92,11 +103,11 @@ def preflight(cfg: Config) -> Tuple[int, Optional[str]]:
         storage.preflight(cfg.train.init_from, cfg.storage, key="train.init_from")
         if not storage.exists(cfg.train.init_from, cfg.storage):
             raise CheckpointError(f"train.init_from: '{cfg.train.init_from}' does not exist")
-    existing = _checkpoint_uris(cfg)
-    if existing:
-        state = read_checkpoint_state(existing[-1], cfg, "run.name")
-        check_compatible(state, cfg, existing[-1])
-        return state.step, existing[-1]
+    latest = latest_complete_checkpoint(cfg)
+    if latest:
+        state = read_checkpoint_state(latest, cfg, "run.name")
+        check_compatible(state, cfg, latest)
+        return state.step, latest
     if cfg.train.resume_from:
         state = read_checkpoint_state(cfg.train.resume_from, cfg, "train.resume_from")
         check_compatible(state, cfg, cfg.train.resume_from)
@@ -146,8 +157,7 @@ def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, 
         num_workers=num_workers,
         use_gpu=cfg.ray.use_gpu,
         resources_per_worker=resources,
-        **({"elastic_resize_monitor_interval_s": float(os.environ.get("SPEED_RESIZE_INTERVAL_S", 60))}
-           if low != high else {}),
+        **({"elastic_resize_monitor_interval_s": cfg.ray.resize_interval_s} if low != high else {}),
     )
     from ray.train.torch import TorchConfig
 
@@ -224,6 +234,7 @@ def _checkpoint_uri_of(result, cfg: Config) -> Optional[str]:
 def _create_stop_actor(name: str):
     """A tiny named actor the driver sets on SIGTERM (ray job stop); workers read it at log steps."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class StopFlag:
@@ -236,7 +247,12 @@ def _create_stop_actor(name: str):
         def get(self) -> bool:
             return self.stop
 
-    return StopFlag.options(name=name).remote()
+    # On the driver's node: an actor on a worker node would die with it (a spot reclaim, an elastic
+    # shrink) and take every later restart of the run down with it.
+    here = ray.get_runtime_context().get_node_id()
+    return StopFlag.options(
+        name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
+    ).remote()
 
 
 def _forward_sigterm(stop_actor) -> None:
@@ -323,18 +339,63 @@ class StreamSource:
         return latents, labels
 
 
+STOP_FLAG_TIMEOUT_S = 30.0
+
+
 def _control(stop_actor_name: str):
+    """(checkpoint now, stop now) for the loop's log steps: a preemption notice asks for a
+    checkpoint, the driver's stop flag (``ray job stop``) for a checkpoint and a stop. An unreachable
+    flag is a lost stop request, not a reason to fail training: it is logged and read as "go on"."""
     import ray
     import ray.train
 
-    actor = ray.get_actor(stop_actor_name) if stop_actor_name else None
+    actor = None
+    if stop_actor_name:
+        try:
+            actor = ray.get_actor(stop_actor_name)
+        except ValueError:
+            log.warning("stop flag actor %s not found; `ray job stop` cannot ask this run to checkpoint first",
+                        stop_actor_name)
 
     def control() -> Tuple[bool, bool]:
+        nonlocal actor
         preempted = ray.train.get_preemption_info() is not None
-        stop = bool(ray.get(actor.get.remote())) if actor is not None else False
+        stop = False
+        if actor is not None:
+            try:
+                stop = bool(ray.get(actor.get.remote(), timeout=STOP_FLAG_TIMEOUT_S))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                log.warning("stop flag unreachable (%s); training goes on without it", type(exc).__name__)
+                actor = None
         return preempted, stop
 
     return control
+
+
+def _resume_point(cfg: Config, fit_resume_uri: Optional[str], env) -> Optional[str]:
+    """The checkpoint a (re)started worker group continues from, the same on every rank.
+
+    The newest complete checkpoint in the run's own folder, rather than only the one Ray Train
+    registered: a node lost right after every rank finished a checkpoint's report can take that
+    report down before the controller collected it, and restarting from the one before would
+    redo those steps. Without any in the run's folder, the fit's own resume point
+    (``train.resume_from``), if any.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    choice = [None]
+    if env.rank == 0:
+        choice[0] = latest_complete_checkpoint(cfg)
+        if choice[0] is None and ray.train.get_checkpoint() is not None:
+            raise CheckpointError(
+                f"Ray Train registered a checkpoint of run '{cfg.run.name}', but no complete checkpoint is "
+                f"in {run_uri(cfg)}; was the run folder changed while it ran?"
+            )
+        choice[0] = choice[0] or fit_resume_uri
+    if env.distributed:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def train_worker(loop_config: Dict[str, Any]) -> None:
@@ -359,16 +420,15 @@ def train_worker(loop_config: Dict[str, Any]) -> None:
         source = StreamSource(ray.train.get_dataset_shard("train"), cfg, int(loop_config.get("fit_start_step", 0)))
     stop = StopRequested()
     stop.install()
-    checkpoint = ray.train.get_checkpoint()
     context = ray.train.get_context()
+    resume_uri = _resume_point(cfg, loop_config.get("resume_uri"), env)
     with tempfile.TemporaryDirectory(prefix="speed-resume-") as scratch:
         resume_dir = None
-        if checkpoint is not None:
-            resume_dir = checkpoint.to_directory(os.path.join(scratch, "ckpt"))
-        elif loop_config.get("resume_uri"):
-            resume_dir = storage.local_copy(loop_config["resume_uri"], scratch, cfg.storage)
-        if resume_dir is not None and not is_complete(resume_dir):
-            raise CheckpointError(f"checkpoint '{resume_dir}' is incomplete; resume from an earlier one")
+        if resume_uri is not None:
+            resume_dir = storage.local_copy(resume_uri, scratch, cfg.storage)
+            reason = incomplete_reason(resume_dir)
+            if reason is not None:
+                raise CheckpointError(f"checkpoint '{resume_uri}' is incomplete ({reason}); resume from an earlier one")
         result = train(
             cfg,
             env,

@@ -1,10 +1,13 @@
-"""Faults with real processes: a crash in the middle of a checkpoint write, and secrets that must
-not leak into anything a job writes (logs, configs, metrics, error messages)."""
+"""Faults with real processes: a SIGKILLed Ray Train worker, a crash in the middle of a checkpoint
+write, and secrets that must not leak into anything a job writes (logs, configs, metrics, errors)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,55 @@ TINY = [
 
 def metrics_steps(run_dir: Path):
     return [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def metrics_records(run_dir: Path):
+    try:
+        text = (run_dir / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def train_worker_pids():
+    """PIDs of live Ray Train worker processes (their process title names the actor class)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            pids.append(proc.pid)
+    return pids
+
+
+def test_sigkilled_worker_restarts_from_checkpoint(ray_session, tmp_path, capsys):
+    steps, every = 24, 4
+    args = [*TINY, f"run.output_uri={tmp_path}", "run.name=killed", f"train.steps={steps}",
+            f"train.checkpoint_every={every}", "train.keep_checkpoints=20", "ray.num_workers=2"]
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", train_job.main(args)))
+    thread.start()
+    run_dir = tmp_path / "killed"
+    deadline = time.time() + 400
+    # A record two steps past the first checkpoint: both ranks got through its report, so it is committed.
+    while not any(r["step"] >= every + 2 for r in metrics_records(run_dir)):
+        assert time.time() < deadline and thread.is_alive(), "training did not get past its first checkpoint"
+        time.sleep(0.2)
+    pids = train_worker_pids()
+    assert len(pids) == 2, pids
+    killed_at = max(r["step"] for r in metrics_records(run_dir))
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the run did not finish after the worker was killed"
+    assert result.get("code") == 0
+    records = metrics_records(run_dir)
+    # The log continues cleanly to exactly the requested steps ...
+    assert [r["step"] for r in records] == list(range(2, steps + 1, 2))
+    # ... and the records after the restart come from an attempt that resumed from a checkpoint.
+    resumed = records[-1]["resumed_from_step"]
+    assert resumed % every == 0 and every <= resumed <= killed_at, (resumed, killed_at)
+    assert all(r["resumed_from_step"] == (0 if r["step"] <= resumed else resumed) for r in records), records
+    assert all(r["world_size"] == 2 for r in records)
 
 
 def test_crash_during_checkpoint_write_resumes_from_previous(ray_session, tmp_path, monkeypatch, capsys):

@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 
 from speed.config import load_config
 from speed.train import loop
-from speed.train.checkpoint import NonFiniteWeightsError, is_complete
+from speed.train.checkpoint import NonFiniteWeightsError, incomplete_reason, is_complete, stored_incomplete_reason
 from speed.train.distributed import DistEnv, accumulation_steps, micro_slices, rank_slice, worker_shares
-from speed.train.sources import FixedSource, LocalReporter
+from speed.train.sources import FixedSource, IndexedSource, LocalReporter
 
 from tests.conftest import free_port
 
@@ -99,15 +99,26 @@ def test_accumulation_equals_two_workers_and_fsdp_matches_ddp(tmp_path):
     assert moved > 0  # the step really changed the weights
 
 
+def digits_source(seed=0, global_batch=8):
+    from speed.data.digits import load_digits
+
+    images, labels = load_digits(8, 1)
+    return IndexedSource(images, labels, seed, global_batch)
+
+
 def test_resume_is_bit_exact(tmp_path):
-    x, y = fixed_batch()
+    """A run stopped halfway and resumed ends with exactly the weights of an uninterrupted one
+    (single CPU worker, fixed seed, the in-memory digits in their seeded order)."""
     common = ["parallel.strategy=none", "train.global_batch_size=8", "train.checkpoint_every=3"]
     straight_cfg = make_cfg(tmp_path / "a", *common, "train.steps=6")
-    straight = loop.train(straight_cfg, DistEnv(), FixedSource(x, y), LocalReporter(str(tmp_path / "a" / "digits-speed")), progress=False)
+    straight = loop.train(straight_cfg, DistEnv(), digits_source(), LocalReporter(str(tmp_path / "a" / "digits-speed")),
+                          progress=False)
     reporter = LocalReporter(str(tmp_path / "b" / "digits-speed"))
-    first = loop.train(make_cfg(tmp_path / "b", *common, "train.steps=3"), DistEnv(), FixedSource(x, y), reporter, progress=False)
+    first = loop.train(make_cfg(tmp_path / "b", *common, "train.steps=3"), DistEnv(), digits_source(), reporter,
+                       progress=False)
     assert first.steps == 3 and is_complete(reporter.latest())
-    resumed = loop.train(make_cfg(tmp_path / "b", *common, "train.steps=6"), DistEnv(), FixedSource(x, y), reporter,
+    # A new process would build everything afresh: a new source, a new Trainer, the checkpoint.
+    resumed = loop.train(make_cfg(tmp_path / "b", *common, "train.steps=6"), DistEnv(), digits_source(), reporter,
                          resume_dir=reporter.latest(), progress=False)
     assert resumed.start_step == 3 and resumed.steps == 6
     from safetensors.torch import load_file
@@ -178,3 +189,40 @@ def test_small_dit_overfits_a_digits_batch(tmp_path):
     result = loop.train(cfg, DistEnv(), FixedSource(x, y), LocalReporter(str(tmp_path / "digits-speed")), progress=False)
     first, last = result.history[0]["mse"], result.history[-1]["mse"]
     assert last < 0.5 * first, (first, last)
+
+
+def test_incomplete_checkpoints_are_recognised_locally_and_in_s3(tmp_path, s3_bucket):
+    """Ranks upload their parts separately: a folder with state.json but a missing or short shard
+    (or no state.json) must never be picked for a restart."""
+    from speed import storage
+
+    x, y = fixed_batch()
+    reporter = LocalReporter(str(tmp_path / "run" / "digits-speed"))
+    loop.train(make_cfg(tmp_path / "run", "parallel.strategy=none", "train.global_batch_size=8", "train.steps=2",
+                        "train.checkpoint_every=2"), DistEnv(), FixedSource(x, y), reporter, progress=False)
+    good = Path(reporter.latest())
+    assert incomplete_reason(good) is None
+    shard = sorted(good.glob("*.distcp"))[0]
+
+    def variant(name, change):
+        import shutil
+
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        remote = f"{s3_bucket}/{name}"
+        for path in folder.iterdir():
+            storage.write_bytes(f"{remote}/{path.name}", path.read_bytes())
+        return folder, remote
+
+    cases = {
+        "no-state": (lambda f: (f / "state.json").unlink(), "state.json is missing"),
+        "no-shard": (lambda f: (f / shard.name).unlink(), f"shard {shard.name} is missing"),
+        "short-shard": (lambda f: (f / shard.name).write_bytes(shard.read_bytes()[:100]), "truncated"),
+    }
+    for name, (change, reason) in cases.items():
+        folder, remote = variant(name, change)
+        assert reason in incomplete_reason(folder), name
+        assert reason in stored_incomplete_reason(remote), name
+    _, remote = variant("whole", lambda f: None)
+    assert stored_incomplete_reason(remote) is None

@@ -245,6 +245,8 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
+    # elastic runs only: how often a running worker group checks whether more workers now fit
+    resize_interval_s: float = 60.0
     address: Optional[str] = None  # default: RAY_ADDRESS, else a local Ray
     num_cpus: Optional[int] = None  # local Ray only; default: all CPUs
     worker_timeout_s: int = 600

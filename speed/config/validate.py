@@ -169,6 +169,8 @@ def validate_config(cfg: Config) -> None:
             "raise the batch or lower the worker count"
         )
     _positive("ray.cpus_per_worker", cfg.ray.cpus_per_worker)
+    if not cfg.ray.resize_interval_s > 0:
+        raise ConfigError(f"ray.resize_interval_s={cfg.ray.resize_interval_s} must be > 0 (seconds between resize checks)")
     if cfg.ray.max_failures < -1:
         raise ConfigError(f"ray.max_failures={cfg.ray.max_failures} must be -1 (infinite) or >= 0")
 

@@ -137,17 +137,73 @@ def read_train_state(directory: str | os.PathLike) -> TrainState:
     return TrainState.from_json(path.read_text())
 
 
-def is_complete(directory: str | os.PathLike) -> bool:
-    """True when the DCP metadata, every shard file it names and state.json are all present."""
+def _required_sizes(metadata) -> Dict[str, int]:
+    """Bytes each shard file named by DCP metadata must at least hold."""
+    sizes: Dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    return sizes
+
+
+def incomplete_reason(directory: str | os.PathLike) -> Optional[str]:
+    """None when the DCP metadata, state.json and every shard file the metadata names (at full
+    length) are present in a local folder; otherwise what is missing."""
     directory = Path(directory)
-    if not (directory / METADATA_FILE).is_file() or not (directory / STATE_FILE).is_file():
-        return False
+    for name in (METADATA_FILE, STATE_FILE):
+        if not (directory / name).is_file():
+            return f"{name} is missing"
     try:
         metadata = dcp.FileSystemReader(str(directory)).read_metadata()
-    except Exception:
-        return False
-    files = {info.relative_path for info in (metadata.storage_data or {}).values()}
-    return all((directory / name).is_file() for name in files)
+    except Exception as exc:
+        return f"{METADATA_FILE} is unreadable ({type(exc).__name__})"
+    for name, size in _required_sizes(metadata).items():
+        path = directory / name
+        if not path.is_file():
+            return f"shard {name} is missing"
+        if path.stat().st_size < size:
+            return f"shard {name} is truncated ({path.stat().st_size} < {size} bytes)"
+    return None
+
+
+def is_complete(directory: str | os.PathLike) -> bool:
+    """True when a local checkpoint folder holds everything a resume needs."""
+    return incomplete_reason(directory) is None
+
+
+def stored_incomplete_reason(uri: str, storage_cfg=None) -> Optional[str]:
+    """``incomplete_reason`` for a checkpoint folder in the run's storage (local or s3://): reads
+    only its small files, and checks the shards' presence and size by listing.
+
+    A checkpoint's ranks upload their parts independently, so state.json (rank 0) can be present
+    while another rank's shard never arrived; a restart must not pick such a folder.
+    """
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from speed import storage
+
+    fs, path = storage.filesystem(uri, storage_cfg)
+    listing = {
+        info.path.rsplit("/", 1)[-1]: info.size
+        for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        if info.type == pafs.FileType.File
+    }
+    for name in (METADATA_FILE, STATE_FILE):
+        if name not in listing:
+            return f"{name} is missing"
+    with tempfile.TemporaryDirectory(prefix="speed-ckpt-meta-") as scratch:
+        Path(scratch, METADATA_FILE).write_bytes(storage.read_bytes(storage.join(uri, METADATA_FILE), storage_cfg))
+        try:
+            metadata = dcp.FileSystemReader(scratch).read_metadata()
+        except Exception as exc:
+            return f"{METADATA_FILE} is unreadable ({type(exc).__name__})"
+    for name, size in _required_sizes(metadata).items():
+        if name not in listing:
+            return f"shard {name} is missing"
+        if (listing[name] or 0) < size:
+            return f"shard {name} is truncated ({listing[name]} < {size} bytes)"
+    return None
 
 
 def stored_keys(directory: str | os.PathLike) -> set:

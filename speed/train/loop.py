@@ -523,6 +523,7 @@ def train(
                 "images_seen": images_seen,
                 "world_size": env.world_size,
                 "global_batch_size": trainer.global_batch,
+                "resumed_from_step": start_step,  # the checkpoint this attempt started from (0: fresh)
                 "lr": lr_at(step - 1, cfg.optim),
                 **values,
                 "images_per_sec": steps_done * trainer.global_batch / max(elapsed, 1e-9),
