@@ -66,6 +66,8 @@ def test_imagenet_baseline_and_speed_differ_only_in_timesteps():
         ("inference.num_samples=-5", "inference.num_samples=-5"),
         ("ray.num_workers=[4,2]", "ray.num_workers"),
         ("ray.num_workers=[1,128]", "train.global_batch_size=64 cannot be split"),
+        ("ray.resize_interval_s=0", r"ray.resize_interval_s=0.* > 0"),
+        ("ray.max_failures=-2", "ray.max_failures=-2"),
         ("storage.endpoint_url=minio:9000", "storage.endpoint_url"),
         ("sampling.steps=5000", "sampling.steps=5000"),
         ("run.name=a/b", "run.name"),
