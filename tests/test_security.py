@@ -80,3 +80,37 @@ def test_local_ray_dashboard_binds_loopback(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.update(kwargs))
     common.init_ray(load_config(None, []))
     assert calls["dashboard_host"] == "127.0.0.1" and calls["address"] == "local"
+
+
+def _tree(root: Path, skip=("__pycache__", ".pytest_cache", ".git", ".venv")) -> set:
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        found.update(str(Path(dirpath, f).relative_to(root)) for f in filenames)
+    return found
+
+
+@pytest.mark.ray
+def test_training_writes_only_under_its_output_uri(ray_session, tmp_path, monkeypatch, capsys):
+    """A training job (with its end-of-run eval, sample grid and export) writes nothing into the
+    checkout or the working directory: only under run.output_uri (and the temp folder)."""
+    from ray_jobs import train as train_job
+
+    repo = Path(__file__).resolve().parents[1]
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    output = tmp_path / "out"
+    repo_before = _tree(repo)
+    monkeypatch.chdir(workdir)
+    args = ["model.name=DiT-N/2", "train.global_batch_size=16", "train.micro_batch_size=16", "train.steps=2",
+            "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=2", "train.sample_every=2",
+            "train.eval_num_samples=20", "sample.classes=[0,1]", "sample.per_class=1", "sampling.steps=5",
+            "ray.cpus_per_worker=0.5", f"run.output_uri={output}", "run.name=confined"]
+    assert train_job.main(args) == 0
+    assert sorted(_tree(workdir)) == []
+    assert sorted(_tree(repo) - repo_before) == []
+    written = _tree(output)
+    # The run's folder, and the digits evaluator's classifier cache (eval.classifier_uri's default).
+    assert any(path.startswith("confined/") for path in written)
+    assert all(path.startswith("confined/") or path.startswith("cache/digits-classifier") for path in written), \
+        sorted(written)
