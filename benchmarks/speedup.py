@@ -92,7 +92,7 @@ QUICK = {
     "strategies": ["uniform", "speed", "speed_v1"],
     "seeds": [0, 1],
     "overrides": [
-        "train.steps=300",
+        "train.steps=500",
         "train.eval_every=50",
         "train.log_every=25",
         "train.checkpoint_every=100",

@@ -43,14 +43,12 @@ import math
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import urllib.request
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -63,6 +61,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+from speed.testing import moto_s3  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
@@ -400,13 +400,13 @@ def section_train(args, results: Dict[str, Any]) -> None:
         "digits default model, bf16 autocast",
         ["parallel.mixed_precision=bf16", f"train.global_batch_size={bf16_batch}", f"train.micro_batch_size={bf16_batch}"],
         threads, warmup=1, steps=2 if quick else 3))
-    if not quick:
-        rows.append(measure_train(
-            "DiT-S/2 32x32x3 fp32",
-            ["model.name=DiT-S/2", "model.depth=12", "model.hidden_size=384", "model.num_heads=6",
-             "data.resolution=32", "data.channels=3", "train.global_batch_size=8",
-             "train.micro_batch_size=8", "parallel.mixed_precision=fp32"],
-            threads, warmup=1, steps=3))
+    # The smallest paper-width DiT (width 384), whose products are the shape of the real models'.
+    rows.append(measure_train(
+        "DiT-S/2 32x32x3 fp32",
+        ["model.name=DiT-S/2", "model.depth=12", "model.hidden_size=384", "model.num_heads=6",
+         "data.resolution=32", "data.channels=3", "train.global_batch_size=8",
+         "train.micro_batch_size=8", "parallel.mixed_precision=fp32"],
+        threads, warmup=1, steps=2 if quick else 4))
     fp32_rate = results.get("matmul_gflops_fp32")
     bf16_rate = results.get("matmul_gflops_bf16")
     for row in rows:
@@ -422,8 +422,7 @@ def section_train(args, results: Dict[str, Any]) -> None:
     results["train_images_per_sec_fp32_wall"] = rows[0]["images_per_sec_wall"]
     results["train_mfu_fp32"] = rows[0]["mfu"]
     results["train_mfu_bf16"] = rows[1]["mfu"]
-    if not quick:
-        results["train_mfu_fp32_dit_s2"] = rows[2]["mfu"]
+    results["train_mfu_fp32_dit_s2"] = rows[2]["mfu"]
     if args.profile:
         results["train_profile_fp32"] = profile_train_step(threads)
 
@@ -514,13 +513,16 @@ def steady_state(records: List[Dict[str, Any]], key: str) -> Tuple[float, int]:
 
 
 def cpu_per_image(marks: Dict[int, Tuple[float, ...]], records: List[Dict[str, Any]], batch: int) -> List[Optional[float]]:
-    """CPU seconds per image between the first and the last log record (snapshots keyed by how many
-    records existed when taken), for each CPU counter in the snapshots."""
-    if len(records) < 2 or 1 not in marks or len(records) not in marks:
+    """CPU seconds per image between the first and the second-to-last log record (snapshots keyed by
+    how many records existed when taken), for each CPU counter in the snapshots. The last record is
+    written after the end-of-run evaluation, sample grid and export, which the plain loop does not
+    do, so the interval ending there is left out."""
+    last = len(records) - 1
+    if last < 2 or 1 not in marks or last not in marks:
         return []
-    images = (records[-1]["step"] - records[0]["step"]) * batch
-    first, last = marks[1], marks[len(records)]
-    return [(b - a) / images if images > 0 else None for a, b in zip(first, last)]
+    images = (records[last - 1]["step"] - records[0]["step"]) * batch
+    first, end = marks[1], marks[last]
+    return [(b - a) / images if images > 0 else None for a, b in zip(first, end)]
 
 
 def run_inprocess_train(overrides: Sequence[str], threads: int, workdir: Path) -> Dict[str, Any]:
@@ -734,12 +736,6 @@ def section_overhead(args, results: Dict[str, Any], workdir: Path) -> None:
 # --- data: Ray Data from the S3 test server ------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _data_feed():
     """benchmarks/data_feed.py (the data pipeline's own benchmark), whose moto start-up and
     process-tree CPU accounting this benchmark reuses when it is there."""
@@ -747,55 +743,19 @@ def _data_feed():
         from benchmarks import data_feed
     except Exception:
         return None
-    needed = ("_start_moto", "_ray_cpu_seconds", "_cpu_spent", "_EXCLUDED_PIDS")
+    needed = ("_ray_cpu_seconds", "_cpu_spent", "_EXCLUDED_PIDS")
     return data_feed if all(hasattr(data_feed, name) for name in needed) else None
 
 
 @contextmanager
 def moto_server() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 (as tests/conftest.py starts it), AWS_* pointed at it for the
-    duration (and restored after)."""
-    keys = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-    saved = {k: os.environ.get(k) for k in keys}
-    feed = _data_feed()
-    devnull = None
-    if feed is not None:
-        proc = feed._start_moto()  # sets AWS_* itself
-        feed._EXCLUDED_PIDS.add(proc.pid)  # the object store's CPU is not the pipeline's
-        endpoint = os.environ["AWS_ENDPOINT_URL"]
-    else:
-        port = free_port()
-        devnull = open(os.devnull, "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=devnull, stderr=devnull)
-        endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-                break
-            except Exception:
-                if proc.poll() is not None or time.time() > deadline:
-                    proc.kill()
-                    raise RuntimeError("moto S3 server did not start")
-                time.sleep(0.2)
-        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="benchaccesskey",
-                          AWS_SECRET_ACCESS_KEY="benchsecret-0123456789", AWS_DEFAULT_REGION="us-east-1")
-    try:
+    """moto's S3 server on 127.0.0.1 (speed.testing, as the tests start it), AWS_* pointed at it for
+    the duration; its CPU is kept out of the data pipeline's CPU accounting."""
+    with moto_s3("benchaccesskey", "benchsecret-0123456789") as (endpoint, proc):
+        feed = _data_feed()
+        if feed is not None:
+            feed._EXCLUDED_PIDS.add(proc.pid)  # the object store's CPU is not the pipeline's
         yield endpoint
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if devnull is not None:
-            devnull.close()
 
 
 def write_s3_digits(bucket: str) -> Dict[str, str]:
@@ -902,12 +862,10 @@ def section_data(args, results: Dict[str, Any], workdir: Path) -> None:
         consume = results.get("train_images_per_sec_fp32_wall")
         threads = args.threads
         runs = {}
-        # Long enough to cross epoch boundaries (1,797 images = 28 steps of 64): each epoch restarts
-        # the shard's iterator, which is part of the data wait.
+        # Long enough to cross epoch boundaries (1,797 images = 28 steps of 64).
         steps = 70 if quick else 300
         log_every = 10 if quick else 50
-        formats = ("imagefolder",) if quick else ("imagefolder", "parquet")
-        for fmt in formats:
+        for fmt in ("imagefolder", "parquet"):
             overrides = [f"data.format={fmt}", f"data.uri={uris[fmt]}", "data.resolution=8", "data.channels=1",
                          f"train.steps={steps}", f"train.log_every={log_every}", f"ray.cpus_per_worker={max(1, threads)}",
                          *FAST_END_OVERRIDES]
@@ -924,11 +882,12 @@ def section_data(args, results: Dict[str, Any], workdir: Path) -> None:
         "epoch_feed_over_consumption": {f: rnd(v["overall_images_per_sec"] / consume, 3) if consume else None
                                         for f, v in feeds.items()},
         "ray_train_streaming": runs,
-        "reused_from_benchmarks_data_feed": ["_start_moto", "_ray_cpu_seconds", "_cpu_spent"] if _data_feed() else [],
+        "reused_from_benchmarks_data_feed": ["_ray_cpu_seconds", "_cpu_spent"] if _data_feed() else [],
         "loadavg": loadavg(),
     }
-    waits = [r["data_wait_fraction"] for r in runs.values() if isinstance(r.get("data_wait_fraction"), float)]
-    results["data_wait_fraction"] = max(waits) if waits else None
+    waits = {f: r["data_wait_fraction"] for f, r in runs.items() if isinstance(r.get("data_wait_fraction"), float)}
+    results["data_wait_fraction_by_format"] = waits
+    results["data_wait_fraction"] = max(waits.values()) if waits else None  # the worse format
     results["data_feed_images_per_sec"] = {f: v["steady_images_per_sec"] for f, v in feeds.items()}
 
 

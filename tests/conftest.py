@@ -8,15 +8,12 @@ starts, so Ray workers inherit them just as production workers inherit the real 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+
+from speed.testing import free_port, moto_s3  # noqa: F401  (free_port: re-exported to tests)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_ACCESS_KEY = "speedtestaccesskey"
@@ -30,51 +27,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """Start moto's S3 server on 127.0.0.1 and point the AWS environment variables at it."""
-    port = free_port()
-    log = open(os.devnull, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=log,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("moto S3 server did not start")
-            time.sleep(0.2)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    yield endpoint
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with moto_s3(TEST_ACCESS_KEY, TEST_SECRET_KEY) as (endpoint, _):
+        yield endpoint
 
 
 @pytest.fixture

@@ -3,24 +3,15 @@ folders: settings precedence, file helpers, and preflight errors that name the U
 without leaking secrets."""
 
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pyarrow.fs as pafs
 import pytest
 
 from speed import storage
 from speed.config.schema import StorageConfig
+from speed.testing import free_port, start_moto_server, stop_server
 
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_settings_come_from_env_and_config_wins(monkeypatch):
@@ -93,24 +84,9 @@ def test_preflight_names_the_problem(s3_bucket):
 @pytest.fixture
 def auth_s3_endpoint():
     """A second moto server that checks credentials (moto accepts any by default)."""
-    port = free_port()
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("moto S3 server with authentication did not start")
-            time.sleep(0.2)
+    proc, endpoint = start_moto_server(env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"))
     yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_server(proc)
 
 
 @pytest.mark.s3

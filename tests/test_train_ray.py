@@ -50,7 +50,7 @@ def digits_parquet_uri(ray_session, s3_endpoint):
 
 
 def test_two_fsdp_workers_from_s3_checkpoint_and_resume(digits_parquet_uri, s3_bucket, s3_endpoint, capsys):
-    data = [f"data.format=parquet", f"data.uri={digits_parquet_uri}", "data.resolution=8", "data.channels=1"]
+    data = ["data.format=parquet", f"data.uri={digits_parquet_uri}", "data.resolution=8", "data.channels=1"]
     common = [*TINY, *data, f"run.output_uri={s3_bucket}/runs", "run.name=fsdp-s3"]
     assert train_job.main([*common, "train.steps=4", "ray.num_workers=2", "parallel.strategy=fsdp"]) == 0
     first = last_json(capsys.readouterr().out)
