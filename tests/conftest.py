@@ -19,6 +19,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_ACCESS_KEY = "speedtestaccesskey"
 TEST_SECRET_KEY = "speedtestsecret-do-not-log-0123456789"
 
+# The smallest training run of the Ray tests: DiT-N/2 on the digits, no periodic eval or sampling,
+# a tiny end-of-run evaluation; tests append what they vary (later overrides win).
+TINY_TRAIN = [
+    "model.name=DiT-N/2",
+    "train.global_batch_size=16",
+    "train.micro_batch_size=16",
+    "train.log_every=2",
+    "train.eval_every=0",
+    "train.sample_every=0",
+    "train.eval_num_samples=20",
+    "sample.classes=[0,1]",
+    "sample.per_class=1",
+    "sampling.steps=5",
+    "ray.cpus_per_worker=0.5",
+]
+
 # Tests never leave the machine, never spin OpenMP threads and never pick up a stray cluster.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "1")

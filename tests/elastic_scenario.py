@@ -34,11 +34,11 @@ def main(output_dir: str) -> int:
     ray.init(address=cluster.address)
     from ray_jobs import train as train_job
 
+    from tests.conftest import TINY_TRAIN
+
     args = [
-        "model.name=DiT-N/2", "train.global_batch_size=16", "train.micro_batch_size=16", f"train.log_every={LOG_EVERY}",
-        f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.keep_checkpoints=50", "train.eval_every=0",
-        "train.sample_every=0", "train.eval_num_samples=20", "sample.classes=[0,1]", "sample.per_class=1",
-        "sampling.steps=5", "ray.cpus_per_worker=1", "ray.num_workers=[1,2]", "ray.max_failures=5",
+        *TINY_TRAIN, f"train.log_every={LOG_EVERY}", f"train.checkpoint_every={CHECKPOINT_EVERY}",
+        "train.keep_checkpoints=50", "ray.cpus_per_worker=1", "ray.num_workers=[1,2]", "ray.max_failures=5",
         "ray.resize_interval_s=3", f"train.steps={STEPS}", f"run.output_uri={output_dir}", "run.name=elastic",
     ]
     result = {}

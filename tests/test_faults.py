@@ -13,24 +13,11 @@ from pathlib import Path
 import pytest
 
 from ray_jobs import train as train_job
-from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY, TINY_TRAIN
 
 pytestmark = [pytest.mark.ray]
 
-TINY = [
-    "model.name=DiT-N/2",
-    "train.global_batch_size=16",
-    "train.micro_batch_size=16",
-    "train.log_every=2",
-    "train.eval_every=0",
-    "train.sample_every=0",
-    "train.eval_num_samples=20",
-    "sample.classes=[0,1]",
-    "sample.per_class=1",
-    "sampling.steps=5",
-    "ray.cpus_per_worker=0.5",
-    "ray.max_failures=2",
-]
+TINY = [*TINY_TRAIN, "ray.max_failures=2"]
 
 
 def metrics_steps(run_dir: Path):

@@ -95,6 +95,7 @@ def test_training_writes_only_under_its_output_uri(ray_session, tmp_path, monkey
     """A training job (with its end-of-run eval, sample grid and export) writes nothing into the
     checkout or the working directory: only under run.output_uri (and the temp folder)."""
     from ray_jobs import train as train_job
+    from tests.conftest import TINY_TRAIN
 
     repo = Path(__file__).resolve().parents[1]
     workdir = tmp_path / "cwd"
@@ -102,10 +103,8 @@ def test_training_writes_only_under_its_output_uri(ray_session, tmp_path, monkey
     output = tmp_path / "out"
     repo_before = _tree(repo)
     monkeypatch.chdir(workdir)
-    args = ["model.name=DiT-N/2", "train.global_batch_size=16", "train.micro_batch_size=16", "train.steps=2",
-            "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=2", "train.sample_every=2",
-            "train.eval_num_samples=20", "sample.classes=[0,1]", "sample.per_class=1", "sampling.steps=5",
-            "ray.cpus_per_worker=0.5", f"run.output_uri={output}", "run.name=confined"]
+    args = [*TINY_TRAIN, "train.steps=2", "train.log_every=1", "train.checkpoint_every=2", "train.eval_every=2",
+            "train.sample_every=2", f"run.output_uri={output}", "run.name=confined"]
     assert train_job.main(args) == 0
     assert sorted(_tree(workdir)) == []
     assert sorted(_tree(repo) - repo_before) == []

@@ -11,23 +11,11 @@ import pytest
 
 from ray_jobs import prepare as prepare_job
 from ray_jobs import train as train_job
+from tests.conftest import TINY_TRAIN
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
-TINY = [
-    "model.name=DiT-N/2",
-    "train.global_batch_size=16",
-    "train.micro_batch_size=8",
-    "train.log_every=2",
-    "train.checkpoint_every=2",
-    "train.eval_every=0",
-    "train.sample_every=0",
-    "train.eval_num_samples=20",
-    "sample.classes=[0,1]",
-    "sample.per_class=1",
-    "sampling.steps=5",
-    "ray.cpus_per_worker=0.5",
-]
+TINY = [*TINY_TRAIN, "train.micro_batch_size=8", "train.checkpoint_every=2"]
 
 
 def last_json(out: str) -> dict:
