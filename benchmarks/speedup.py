@@ -29,10 +29,11 @@ Data: the embedded digits by default; ``data.format=imagefolder data.uri=PATH`` 
 memory (small datasets; larger ones belong on the Tune path, which streams with Ray Data). The
 digits evaluator judges samples as 8x8 grey digits, so its numbers mean most on digit-like data.
 
-Budgets: the full run is the digits recipe (DiT-T/2, batch 64, 1200 steps, 500 evaluation
-samples, DDIM-50) for 8 strategies x 3 seeds: several hours on a 2-core machine. ``--quick``
-(uniform, speed, speed_v1; seeds 0, 1; 300 steps, 160 evaluation samples, DDIM-20) takes about
-15 minutes there. Benchmarks are not tests and CI does not run them.
+Budgets: the full run is the digits recipe (DiT-D/2, batch 64, 1000 steps, EMA evaluated every
+100 steps on 250 samples, DDIM-50) for 8 strategies x 3 seeds: about two hours on a 2-core
+machine. ``--quick`` (uniform, speed, speed_v1; seeds 0, 1; 500 steps, evaluated every 50 on 160
+samples, DDIM-20) takes about 15 minutes there (2.3 minutes per run). Benchmarks are not tests
+and CI does not run them.
 
 Writes ``<out>/speedup.json`` (``strategies``: one entry per strategy with ``speedup``,
 ``speedup_min``, ``speedup_max``, ``final_metric`` and the curves), ``speedup.md`` (summary and
