@@ -52,10 +52,10 @@ def _checkpoint_uris(cfg: Config) -> List[str]:
     return [uri for _, uri in sorted(found)]
 
 
-def latest_complete_checkpoint(cfg: Config) -> Optional[str]:
+def latest_complete_checkpoint(cfg: Config, uris: Optional[List[str]] = None) -> Optional[str]:
     """The newest checkpoint folder of this run whose every part arrived (see
     ``stored_incomplete_reason``); incomplete newer ones are logged and passed over."""
-    for uri in reversed(_checkpoint_uris(cfg)):
+    for uri in reversed(_checkpoint_uris(cfg) if uris is None else uris):
         reason = stored_incomplete_reason(uri, cfg.storage)
         if reason is None:
             return uri
@@ -103,11 +103,20 @@ def preflight(cfg: Config) -> Tuple[int, Optional[str]]:
         storage.preflight(cfg.train.init_from, cfg.storage, key="train.init_from")
         if not storage.exists(cfg.train.init_from, cfg.storage):
             raise CheckpointError(f"train.init_from: '{cfg.train.init_from}' does not exist")
-    latest = latest_complete_checkpoint(cfg)
-    if latest:
-        state = read_checkpoint_state(latest, cfg, "run.name")
-        check_compatible(state, cfg, latest)
-        return state.step, latest
+    existing = _checkpoint_uris(cfg)
+    if existing:
+        # The newest checkpoint says what this run is; a config of another model fails here.
+        check_compatible(read_checkpoint_state(existing[-1], cfg, "run.name"), cfg, existing[-1])
+        latest = latest_complete_checkpoint(cfg, existing)
+        if latest is None:
+            reasons = "; ".join(f"{uri.rsplit('/', 1)[-1]}: {stored_incomplete_reason(uri, cfg.storage)}"
+                                for uri in existing[-3:])
+            raise CheckpointError(
+                f"run '{cfg.run.name}' in {cfg.run.output_uri} has checkpoints, but none is complete ({reasons}); "
+                "starting over would overwrite its metrics. Remove the incomplete checkpoint_* folders to start "
+                "afresh, or choose a new run.name"
+            )
+        return read_checkpoint_state(latest, cfg, "run.name").step, latest
     if cfg.train.resume_from:
         state = read_checkpoint_state(cfg.train.resume_from, cfg, "train.resume_from")
         check_compatible(state, cfg, cfg.train.resume_from)

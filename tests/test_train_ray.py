@@ -85,3 +85,8 @@ def test_checkpoint_of_another_model_size_is_refused(tmp_path, capsys):
     assert train_job.main([*TINY, f"run.output_uri={tmp_path}", "run.name=sized", "model.name=DiT-T/2"]) == 2
     err = capsys.readouterr().err
     assert "model.name='DiT-N/2'" in err and "model.name='DiT-T/2'" in err
+    # The same model, but its only checkpoint lacks its shards: refused rather than started afresh
+    # over the run's metrics.
+    assert train_job.main([*TINY, f"run.output_uri={tmp_path}", "run.name=sized"]) == 2
+    err = capsys.readouterr().err
+    assert "none is complete" in err and ".metadata is missing" in err
