@@ -52,14 +52,17 @@ def _checkpoint_uris(cfg: Config) -> List[str]:
     return [uri for _, uri in sorted(found)]
 
 
-def latest_complete_checkpoint(cfg: Config, uris: Optional[List[str]] = None) -> Optional[str]:
+def latest_complete_checkpoint(cfg: Config, uris: Optional[List[str]] = None,
+                               skipped: Optional[List[str]] = None) -> Optional[str]:
     """The newest checkpoint folder of this run whose every part arrived (see
-    ``stored_incomplete_reason``); incomplete newer ones are logged and passed over."""
+    ``stored_incomplete_reason``); incomplete newer ones are logged, noted in ``skipped`` and passed over."""
     for uri in reversed(_checkpoint_uris(cfg) if uris is None else uris):
         reason = stored_incomplete_reason(uri, cfg.storage)
         if reason is None:
             return uri
         log.warning("skipping incomplete checkpoint %s: %s", uri, reason)
+        if skipped is not None:
+            skipped.append(f"{uri.rsplit('/', 1)[-1]}: {reason}")
     return None
 
 
@@ -107,12 +110,12 @@ def preflight(cfg: Config) -> Tuple[int, Optional[str]]:
     if existing:
         # The newest checkpoint says what this run is; a config of another model fails here.
         check_compatible(read_checkpoint_state(existing[-1], cfg, "run.name"), cfg, existing[-1])
-        latest = latest_complete_checkpoint(cfg, existing)
+        skipped: List[str] = []
+        latest = latest_complete_checkpoint(cfg, existing, skipped)
         if latest is None:
-            reasons = "; ".join(f"{uri.rsplit('/', 1)[-1]}: {stored_incomplete_reason(uri, cfg.storage)}"
-                                for uri in existing[-3:])
             raise CheckpointError(
-                f"run '{cfg.run.name}' in {cfg.run.output_uri} has checkpoints, but none is complete ({reasons}); "
+                f"run '{cfg.run.name}' in {cfg.run.output_uri} has checkpoints, but none is complete "
+                f"({'; '.join(skipped[:3])}); "
                 "starting over would overwrite its metrics. Remove the incomplete checkpoint_* folders to start "
                 "afresh, or choose a new run.name"
             )
