@@ -13,7 +13,6 @@ import signal
 import sys
 import tempfile
 import uuid
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
