@@ -158,9 +158,9 @@ def count_train_flops(cfg) -> Tuple[float, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from speed.diffusion.factory import build_training_diffusion
-    from speed.train.export import build_model, describe
+    from speed.models import build_model, describe
 
-    description = describe(cfg)
+    description = describe(cfg.model, cfg.data, cfg.diffusion)
     model = build_model(cfg.model, description.input_size, description.in_channels, device="meta")
     diffusion = build_training_diffusion(cfg.diffusion, cfg.model.learn_sigma)
     n = cfg.train.micro_batch_size
@@ -197,7 +197,7 @@ def measure_matmul(clock: Clock, smoke: bool) -> Dict[str, Any]:
             a @ b
         seconds = clock.time(lambda: a @ b, reps=10 if name == "bf16" else 4)
         out[f"{name}_tflops"] = round(2 * n**3 / seconds / 1e12, 2 if device.type == "cuda" else 5)
-        del a, b
+        a = b = None  # free both before the next dtype allocates its own
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     free_memory()
@@ -348,11 +348,11 @@ def _compile_backend(backend: Optional[str]):
 def measure_sampling(geometry: Geometry, device: torch.device, clock: Clock, batch: int, steps: int,
                      bf16: bool) -> Dict[str, Any]:
     from speed.sample import guided_forward, sample_generators, sampling_diffusion
-    from speed.train.export import build_model, describe
+    from speed.models import build_model, describe
 
     cfg = train_config(geometry, mixed_precision="bf16", compile=False, ac=False,
                        extra=["sampling.sampler=ddim", f"sampling.steps={steps}", "sampling.guidance_scale=1.5"])
-    description = describe(cfg)
+    description = describe(cfg.model, cfg.data, cfg.diffusion)
     torch.manual_seed(0)
     model = build_model(cfg.model, description.input_size, description.in_channels).to(device).eval().requires_grad_(False)
     for param in model.parameters():  # away from adaLN-Zero's zeros; the cost does not depend on values

@@ -24,7 +24,8 @@ import torch
 
 from speed.config import load_config
 from speed.sample import generate, load_sampling_model
-from speed.train.export import build_model, describe, save_export
+from speed.models import build_model, describe
+from speed.models.export import save_export
 
 SETTINGS = {"ddpm250": ["sampling.sampler=ddpm", "sampling.steps=250"],
             "ddim50": ["sampling.sampler=ddim", "sampling.steps=50"]}
@@ -32,7 +33,7 @@ SETTINGS = {"ddpm250": ["sampling.sampler=ddpm", "sampling.steps=250"],
 
 def digits_export(folder: str) -> str:
     cfg = load_config(None, [])  # the embedded default: DiT-T/2 on 8x8x1 digits
-    description = describe(cfg)
+    description = describe(cfg.model, cfg.data, cfg.diffusion)
     torch.manual_seed(0)
     model = build_model(cfg.model, description.input_size, description.in_channels)
     for param in model.parameters():

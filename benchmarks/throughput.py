@@ -458,7 +458,7 @@ class PlainLoop:
     def __init__(self, model_cfg, resolution: int, channels: int, batch: int, seed: int = 0):
         from speed.data.digits import load_digits
         from speed.diffusion import create_diffusion
-        from speed.train.export import build_model
+        from speed.models import build_model
 
         torch.manual_seed(seed)
         self.images, self.labels = load_digits(resolution, channels)
@@ -895,10 +895,10 @@ def section_data(args, results: Dict[str, Any], workdir: Path) -> None:
 
 
 def _sampling_model(export_uri: Optional[str] = None):
-    from speed.train.export import build_model, describe
+    from speed.models import build_model, describe
 
     cfg = digits_config()
-    description = describe(cfg)
+    description = describe(cfg.model, cfg.data, cfg.diffusion)
     torch.manual_seed(0)
     model = build_model(cfg.model, description.input_size, description.in_channels).eval().requires_grad_(False)
     return cfg, description, model
@@ -964,7 +964,7 @@ def section_sampling(args, results: Dict[str, Any], workdir: Path) -> None:
 
 def run_batch_jobs(cfg, description, model, workdir: Path, num_samples: int) -> Dict[str, Any]:
     """ray_jobs.inference with 1 and 2 actors on an export of the (random-weight) digits model."""
-    from speed.train.export import save_export
+    from speed.models.export import save_export
 
     export_dir = workdir / "sampling-export"
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}

@@ -43,7 +43,7 @@ from speed.evaluate import (
 )
 from speed.sample import find_samples_npz, npz_keys, read_small_arrays
 
-from ray_jobs.common import emit, init_ray, load_job_config, run_main
+from ray_jobs.common import emit, init_ray, load_job_config, progress_bar, run_main
 from ray_jobs.inference import ray_data_progress_bars
 
 log = logging.getLogger("speed.evaluate")
@@ -58,7 +58,7 @@ def build_extractor_spec(cfg: Config, inception_sha256: Optional[str] = INCEPTIO
         _, digest = load_inception_state_dict(cfg.eval.inception_weights, cfg.storage, expected_sha256=inception_sha256)
         return ExtractorSpec("inception", inception_weights=cfg.eval.inception_weights,
                              inception_sha256=inception_sha256, weights_digest=digest, storage_cfg=cfg.storage)
-    classifier_uri = default_classifier_uri(cfg)
+    classifier_uri = default_classifier_uri(cfg.eval, cfg.run.output_uri)
     get_digits_classifier(classifier_uri, cfg.storage)
     return ExtractorSpec("digits", classifier_uri=classifier_uri, storage_cfg=cfg.storage)
 
@@ -158,8 +158,6 @@ def extract_features(cfg: Config, spec: ExtractorSpec, sources: Dict[str, Any]) 
     (samples) or running statistics plus the precision/recall subset (reference)."""
     import ray
 
-    from tqdm.auto import tqdm
-
     items: List[Dict[str, Any]] = []
     for name, source in sources.items():
         items.extend(source.items(name, cfg.eval.batch_size))
@@ -167,8 +165,7 @@ def extract_features(cfg: Config, spec: ExtractorSpec, sources: Dict[str, Any]) 
     num_actors = max(1, min(cfg.eval.num_actors, len(items)))
     collected: Dict[str, Dict[str, Any]] = {}
     # A Dataset keeps the context it was created under: switch the bars off before creating it.
-    with ray_data_progress_bars(False), tqdm(total=sum(totals.values()), unit="img", desc="features",
-                                             file=sys.stderr, mininterval=2.0) as progress:
+    with ray_data_progress_bars(False), progress_bar(sum(totals.values()), unit="img", desc="features") as progress:
         dataset = ray.data.from_items(items).map_batches(
             FeatureWorker,
             fn_constructor_kwargs={"spec": spec, "sources": sources, "batch_size": cfg.eval.batch_size},

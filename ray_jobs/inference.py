@@ -5,6 +5,11 @@ inference.batch_size. An ActorPoolStrategy of inference.num_actors actors (each 
 weights once) turns shards into images; sample i depends only on (inference.seed, i), so the
 images are identical whatever the number of actors. Shards are written atomically and skipped on
 rerun (a killed job resumes); then one ADM-format samples.npz and a preview grid are written.
+
+inference.checkpoint_uri names an export folder, a .safetensors file, a training checkpoint folder
+or a run folder (its export, or its newest complete checkpoint while there is no export yet):
+every path python -m ray_jobs.train prints. Unset, it is the export of the configured run
+(run.output_uri/run.name/export). The driver resolves it once and the actors load what it resolved.
 Ends with {"event": "sample_done", "num_samples", "npz", "images_per_sec", ...} on stdout.
 """
 
@@ -25,6 +30,7 @@ from speed.sample import (
     ShardPlan,
     claim_output,
     guided_forward,
+    job_weights,
     make_grid_png,
     pending_ranges,
     read_description,
@@ -33,8 +39,9 @@ from speed.sample import (
     write_samples_npz,
 )
 from speed.sample.worker import ShardSampler
+from speed.train.run_layout import SAMPLES_DIR, RunLayout
 
-from ray_jobs.common import emit, init_ray, load_job_config, run_main
+from ray_jobs.common import emit, init_ray, load_job_config, progress_bar, run_main
 
 log = logging.getLogger("speed.inference")
 
@@ -42,7 +49,7 @@ log = logging.getLogger("speed.inference")
 def default_output_uri(cfg: Config) -> str:
     sampling = cfg.sampling
     name = f"{sampling.sampler}{sampling.steps}-cfg{sampling.guidance_scale:g}-seed{cfg.inference.seed}"
-    return storage.join(cfg.run.output_uri, cfg.run.name, "samples", name)
+    return RunLayout.for_run(cfg.run, cfg.storage).path(SAMPLES_DIR, name)
 
 
 def _check_settings(cfg: Config, description) -> None:
@@ -71,9 +78,8 @@ def ray_data_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def _progress(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc="sampling", file=sys.stderr, mininterval=2.0, smoothing=0.1)
+    """Our bar (images, with an ETA) on a terminal; a log line a minute otherwise."""
+    return progress_bar(total, unit="img", desc="sampling", smoothing=0.1)
 
 
 def sample_shards(cfg: Config, checkpoint_uri: str, output_uri: str, pending: List[Sequence[int]]) -> Dict[str, Any]:
@@ -115,8 +121,11 @@ def sample_shards(cfg: Config, checkpoint_uri: str, output_uri: str, pending: Li
 
 def run_inference(cfg: Config) -> Dict[str, Any]:
     inference = cfg.inference
-    checkpoint_uri = inference.checkpoint_uri
-    description = read_description(checkpoint_uri, cfg.storage, key="inference.checkpoint_uri")
+    key = "inference.checkpoint_uri"
+    # Resolved once, on the driver (fail fast, before Ray starts); the actors load exactly this.
+    source = job_weights(inference.checkpoint_uri, cfg, key=key)
+    description = read_description(source, cfg.storage, key=key)
+    checkpoint_uri = source.uri
     _check_settings(cfg, description)
     output_uri = inference.output_uri or default_output_uri(cfg)
     storage.preflight(output_uri, cfg.storage, key="inference.output_uri", must_exist=False, writable=True)
@@ -124,8 +133,8 @@ def run_inference(cfg: Config) -> Dict[str, Any]:
     plan = ShardPlan(inference.num_samples, inference.batch_size)
     pending = pending_ranges(plan, output_uri, cfg.storage)
     total_shards = len(plan.ranges())
-    log.info("%s: %d of %d shards to sample into %s", "resuming" if resuming else "starting", len(pending),
-             total_shards, output_uri)
+    log.info("%s: %d of %d shards to sample into %s from %s (step %d)", "resuming" if resuming else "starting",
+             len(pending), total_shards, output_uri, checkpoint_uri, description.step)
     stats: Dict[str, Any] = {"generated": 0, "num_actors": 0, "wall_seconds": 0.0, "images_per_sec": 0.0,
                              "images_per_sec_per_actor": 0.0}
     if pending:
@@ -142,6 +151,8 @@ def run_inference(cfg: Config) -> Dict[str, Any]:
         "npz": npz_uri,
         "preview": preview_uri,
         "output_uri": output_uri,
+        "weights": checkpoint_uri,
+        "model_step": description.step,
         "shards_sampled": len(pending),
         "shards_reused": total_shards - len(pending),
         "sampler": cfg.sampling.sampler,

@@ -18,51 +18,30 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ray_jobs.common import emit, init_ray, load_job_config, run_main
-from speed import storage
-from speed.config import Config, ConfigError, config_from_dict, num_workers_range, to_dict
-from speed.train.checkpoint import CheckpointError, TrainState, incomplete_reason, stored_incomplete_reason
-from speed.train.export import WEIGHTS_NAME, describe
+from ray_jobs.resources import cluster_capacity, plan_cpus_per_worker
+from speed import seeding, storage
+from speed.config import Config, config_from_dict, num_workers_range, to_dict
+from speed.models import describe
+from speed.models.export import WEIGHTS_NAME, save_export
+from speed.train.checkpoint import AfterShards, CheckpointError, TrainState, incomplete_reason, latest_complete_checkpoint
+from speed.train.run_layout import RunLayout
 
 log = logging.getLogger("speed.train")
 
 STOP_ACTOR_PREFIX = "speed-stop-"
+# storage.* fields that hold credentials: never sent to workers.
+SECRET_STORAGE_KEYS = ("access_key_id", "secret_access_key")
 
 
 # --- driver side ---------------------------------------------------------------------------------
 
 
+def run_layout(cfg: Config) -> RunLayout:
+    return RunLayout.for_run(cfg.run, cfg.storage)
+
+
 def run_uri(cfg: Config) -> str:
-    return storage.join(cfg.run.output_uri, cfg.run.name)
-
-
-def _checkpoint_uris(cfg: Config) -> List[str]:
-    """Ray Train's checkpoint folders of this run (checkpoint_*), newest last by step."""
-    fs, path = storage.filesystem(run_uri(cfg), cfg.storage)
-    import pyarrow.fs as pafs
-
-    found = []
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        name = info.base_name
-        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_"):
-            state_uri = storage.join(run_uri(cfg), name, "state.json")
-            if storage.exists(state_uri, cfg.storage):
-                step = TrainState.from_json(storage.read_text(state_uri, cfg.storage)).step
-                found.append((step, storage.join(run_uri(cfg), name)))
-    return [uri for _, uri in sorted(found)]
-
-
-def latest_complete_checkpoint(cfg: Config, uris: Optional[List[str]] = None,
-                               skipped: Optional[List[str]] = None) -> Optional[str]:
-    """The newest checkpoint folder of this run whose every part arrived (see
-    ``stored_incomplete_reason``); incomplete newer ones are logged, noted in ``skipped`` and passed over."""
-    for uri in reversed(_checkpoint_uris(cfg) if uris is None else uris):
-        reason = stored_incomplete_reason(uri, cfg.storage)
-        if reason is None:
-            return uri
-        log.warning("skipping incomplete checkpoint %s: %s", uri, reason)
-        if skipped is not None:
-            skipped.append(f"{uri.rsplit('/', 1)[-1]}: {reason}")
-    return None
+    return run_layout(cfg).root
 
 
 def read_checkpoint_state(uri: str, cfg: Config, key: str) -> TrainState:
@@ -76,7 +55,7 @@ def read_checkpoint_state(uri: str, cfg: Config, key: str) -> TrainState:
 
 def check_compatible(state: TrainState, cfg: Config, source: str) -> None:
     """A checkpoint of another model size or data geometry fails before any training starts."""
-    expected = describe(cfg)
+    expected = describe(cfg.model, cfg.data, cfg.diffusion)
     stored = state.description or {}
     for field in ("input_size", "in_channels"):
         if stored.get(field) != getattr(expected, field):
@@ -105,12 +84,15 @@ def preflight(cfg: Config) -> Tuple[int, Optional[str]]:
         storage.preflight(cfg.train.init_from, cfg.storage, key="train.init_from")
         if not storage.exists(cfg.train.init_from, cfg.storage):
             raise CheckpointError(f"train.init_from: '{cfg.train.init_from}' does not exist")
-    existing = _checkpoint_uris(cfg)
+    layout = run_layout(cfg)
+    existing = layout.checkpoints()
     if existing:
         # The newest checkpoint says what this run is; a config of another model fails here.
-        check_compatible(read_checkpoint_state(existing[-1], cfg, "run.name"), cfg, existing[-1])
+        newest = existing[-1][1]
+        if storage.exists(storage.join(newest, "state.json"), cfg.storage):
+            check_compatible(read_checkpoint_state(newest, cfg, "run.name"), cfg, newest)
         skipped: List[str] = []
-        latest = latest_complete_checkpoint(cfg, existing, skipped)
+        latest = latest_complete_checkpoint(layout, skipped)
         if latest is None:
             raise CheckpointError(
                 f"run '{cfg.run.name}' in {cfg.run.output_uri} has checkpoints, but none is complete "
@@ -118,7 +100,9 @@ def preflight(cfg: Config) -> Tuple[int, Optional[str]]:
                 "starting over would overwrite its metrics. Remove the incomplete checkpoint_* folders to start "
                 "afresh, or choose a new run.name"
             )
-        return read_checkpoint_state(latest, cfg, "run.name").step, latest
+        state = read_checkpoint_state(latest, cfg, "run.name")
+        check_compatible(state, cfg, latest)
+        return state.step, latest
     if cfg.train.resume_from:
         state = read_checkpoint_state(cfg.train.resume_from, cfg, "train.resume_from")
         check_compatible(state, cfg, cfg.train.resume_from)
@@ -150,17 +134,30 @@ def training_datasets(cfg: Config, start_step: int) -> Optional[Dict[str, Any]]:
     }
 
 
+def worker_config(cfg: Config) -> Dict[str, Any]:
+    """The config a worker receives: credentials left out (workers read them from their own
+    environment or the cluster's secret store, never from ``train_loop_config``)."""
+    data = to_dict(cfg, redact=False)
+    for key in SECRET_STORAGE_KEYS:
+        data["storage"][key] = None
+    return data
+
+
 def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, datasets: Optional[Dict[str, Any]] = None,
-                  callbacks: Optional[List[Any]] = None, start_step: int = 0):
+                  callbacks: Optional[List[Any]] = None, start_step: int = 0,
+                  after_shards: Optional[AfterShards] = None):
     """The TorchTrainer of a run; ``callbacks`` (Ray Train UserCallbacks, e.g. Tune's
-    TuneReportCallback when a Tune trial drives it) go into its RunConfig."""
+    TuneReportCallback when a Tune trial drives it) go into its RunConfig. Call it after Ray is
+    connected: workers are sized from the cluster (``ray_jobs.resources``)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     low, high = num_workers_range(cfg.ray)
     num_workers = low if low == high else (low, high)
-    resources = {"CPU": cfg.ray.cpus_per_worker}
+    cpus = plan_cpus_per_worker(cfg, cluster_capacity())
+    log.info("%s: %s worker(s) with %g CPU(s) each", cfg.run.name, num_workers, cpus)
+    resources = {"CPU": cpus}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
     fs, path = storage.filesystem(cfg.run.output_uri, cfg.storage)
@@ -170,8 +167,6 @@ def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, 
         resources_per_worker=resources,
         **({"elastic_resize_monitor_interval_s": cfg.ray.resize_interval_s} if low != high else {}),
     )
-    from ray.train.torch import TorchConfig
-
     dataset_config = None
     if datasets:
         from ray_jobs.data import ingest_options
@@ -181,10 +176,12 @@ def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, 
     return TorchTrainer(
         train_loop_per_worker=train_worker,
         train_loop_config={
-            "config": to_dict(cfg, redact=False),
+            "config": worker_config(cfg),
+            "cpus_per_worker": cpus,
             "resume_uri": resume_uri,
             "stop_actor": stop_actor_name,
             "fit_start_step": start_step,
+            "after_shards": after_shards,
         },
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo",
@@ -202,44 +199,81 @@ def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, 
     )
 
 
-def _main(argv: List[str]) -> None:
-    cfg = load_job_config("train", argv)
+def export_from_checkpoint(checkpoint_uri: str, cfg: Config) -> str:
+    """Write the run's export from a finished run's last checkpoint (when the run stopped
+    between the two); returns the weights URI."""
+    from speed.train.checkpoint import load_ema_model
+
+    model, description = load_ema_model(checkpoint_uri, cfg.storage, key="run.name")
+    return save_export(model.state_dict(), description, run_layout(cfg).export_uri, cfg.storage)
+
+
+def run_training(cfg: Config, *, after_shards: Optional[AfterShards] = None) -> Dict[str, Any]:
+    """The whole job for a loaded config (paths absolute); returns the train_done fields."""
     start_step, resume_uri = preflight(cfg)
+    layout = run_layout(cfg)
+    export_uri = storage.join(layout.export_uri, WEIGHTS_NAME)
     if start_step >= cfg.train.steps:
-        raise ConfigError(
-            f"run '{cfg.run.name}' already reached step {start_step} >= train.steps={cfg.train.steps}; "
-            "raise train.steps to continue it or choose a new run.name"
-        )
+        # Already trained this far: nothing to do, and that is a success.
+        log.info("run '%s' already reached step %d (train.steps=%d); nothing to train", cfg.run.name, start_step,
+                 cfg.train.steps)
+        if not storage.exists(export_uri, cfg.storage) and resume_uri is not None:
+            export_uri = export_from_checkpoint(resume_uri, cfg)
+        return {"steps": start_step, "start_step": start_step, "checkpoint": resume_uri, "export": export_uri,
+                "final_loss": _last_loss(layout), "images_per_sec": None, "run": layout.root}
+    _share_credentials_with_local_workers(cfg)
     ray = init_ray(cfg)
+    plan_cpus_per_worker(cfg, cluster_capacity())  # a request that cannot be placed fails now, not after timeouts
     datasets = training_datasets(cfg, start_step)
     stop_actor_name = f"{STOP_ACTOR_PREFIX}{uuid.uuid4().hex[:8]}"
     stop_actor = _create_stop_actor(stop_actor_name)
     _forward_sigterm(stop_actor)
-    trainer = build_trainer(cfg, resume_uri, stop_actor_name, datasets, start_step=start_step)
-    result = trainer.fit()
-    ray.kill(stop_actor)
+    try:
+        trainer = build_trainer(cfg, resume_uri, stop_actor_name, datasets, start_step=start_step,
+                                after_shards=after_shards)
+        result = trainer.fit()
+    finally:
+        ray.kill(stop_actor)
     metrics = result.metrics or {}
-    export_uri = storage.join(run_uri(cfg), "export", WEIGHTS_NAME)
     steps = int(metrics.get("step", start_step))
-    emit(
-        "train_done",
-        steps=steps,
-        start_step=start_step,
-        checkpoint=_checkpoint_uri_of(result, cfg),
-        export=export_uri if steps >= cfg.train.steps and storage.exists(export_uri, cfg.storage) else None,
-        final_loss=metrics.get("loss"),
-        images_per_sec=metrics.get("run_images_per_sec", metrics.get("images_per_sec")),
-        run=run_uri(cfg),
-    )
+    return {
+        "steps": steps,
+        "start_step": start_step,
+        "checkpoint": latest_complete_checkpoint(layout),
+        "export": export_uri if steps >= cfg.train.steps and storage.exists(export_uri, cfg.storage) else None,
+        "final_loss": _last_loss(layout),
+        "images_per_sec": metrics.get("images_per_sec"),
+        "run": layout.root,
+    }
 
 
-def _checkpoint_uri_of(result, cfg: Config) -> Optional[str]:
-    if result.checkpoint is None:
-        return None
-    path = result.checkpoint.path
-    if storage.is_s3(cfg.run.output_uri):
-        return "s3://" + path.lstrip("/")
-    return path
+def _last_loss(layout: RunLayout) -> Optional[float]:
+    loss = None
+    for record in layout.iter_metrics():
+        loss = record.get("loss", loss)
+    return loss
+
+
+def _share_credentials_with_local_workers(cfg: Config) -> None:
+    """Workers never get credentials through their config. A local Ray started by this job
+    inherits this process's environment, so credentials given in the config are put there;
+    on a cluster, its workers use their own environment (a warning says so)."""
+    settings = {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY"}
+    given = {env: getattr(cfg.storage, key) for key, env in settings.items() if getattr(cfg.storage, key)}
+    if not given:
+        return
+    import ray
+
+    if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        log.warning("storage credentials in the config are not sent to the cluster's workers; give them the "
+                    "AWS_* environment variables (or an instance role / secret) instead")
+        return
+    os.environ.update(given)
+
+
+def _main(argv: List[str]) -> None:
+    cfg = load_job_config("train", argv)
+    emit("train_done", **run_training(cfg))
 
 
 def _create_stop_actor(name: str):
@@ -285,18 +319,24 @@ def _forward_sigterm(stop_actor) -> None:
 
 
 class RayReporter:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    """Hands metrics and checkpoint folders to Ray Train, which uploads each checkpoint to the
+    run folder under the name the checkpointer gives it (``checkpoint_<step>``)."""
 
-    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
+    def __init__(self, async_checkpoint: bool):
+        self.async_checkpoint = async_checkpoint
+
+    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None,
+               checkpoint_name: Optional[str] = None) -> None:
         import ray.train
         from ray.train import Checkpoint
         from ray.train.v2.api.report_config import CheckpointUploadMode
 
-        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        mode = CheckpointUploadMode.ASYNC if self.cfg.train.async_checkpoint else CheckpointUploadMode.SYNC
-        kwargs = {"checkpoint_upload_mode": mode, "delete_local_checkpoint_after_upload": True} if checkpoint else {}
-        ray.train.report(metrics, checkpoint=checkpoint, **kwargs)
+        kwargs: Dict[str, Any] = {}
+        if checkpoint_dir:
+            mode = CheckpointUploadMode.ASYNC if self.async_checkpoint else CheckpointUploadMode.SYNC
+            kwargs = {"checkpoint": Checkpoint.from_directory(checkpoint_dir), "checkpoint_dir_name": checkpoint_name,
+                      "checkpoint_upload_mode": mode, "delete_local_checkpoint_after_upload": True}
+        ray.train.report(metrics, **kwargs)
 
 
 class StreamSource:
@@ -342,10 +382,9 @@ class StreamSource:
         if "image" in rows:
             return rows["image"].float(), labels
         from speed.data.latents import sample_latents
-        from speed.train.loop import step_seed
 
-        # A fresh posterior sample per visit, seeded by (seed, step) and this rank's offset.
-        generator = torch.Generator().manual_seed(step_seed(self.cfg.run.seed, step, 2 + offset))
+        # A fresh posterior sample per visit, from stream "latents" at (step, this rank's offset).
+        generator = seeding.generator(self.cfg.run.seed, "latents", step, offset)
         latents = sample_latents(rows["latent_mean"], rows["latent_std"], None, self.cfg.data.latent_scale, generator)
         return latents, labels
 
@@ -397,7 +436,7 @@ def _resume_point(cfg: Config, fit_resume_uri: Optional[str], env) -> Optional[s
 
     choice = [None]
     if env.rank == 0:
-        choice[0] = latest_complete_checkpoint(cfg)
+        choice[0] = latest_complete_checkpoint(run_layout(cfg))
         if choice[0] is None and ray.train.get_checkpoint() is not None:
             raise CheckpointError(
                 f"Ray Train registered a checkpoint of run '{cfg.run.name}', but no complete checkpoint is "
@@ -412,13 +451,19 @@ def _resume_point(cfg: Config, fit_resume_uri: Optional[str], env) -> Optional[s
 def train_worker(loop_config: Dict[str, Any]) -> None:
     import ray.train
 
+    from speed.train.components import StopRequested
     from speed.train.distributed import current_env
-    from speed.train.loop import StopRequested, train
+    from speed.train.loop import train
     from speed.train.sources import IndexedSource
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not sys.stderr.isatty():
+        # Ray Train logs every report's whole metrics dict; the loop's own log line says enough.
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["config"])
-    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    # One thread per CPU the worker was given, never more than the node has (oversubscription
+    # turned a 0.4 s step into 6 s).
+    torch.set_num_threads(max(1, min(int(loop_config["cpus_per_worker"]), os.cpu_count() or 1)))
     env = current_env()
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
@@ -444,11 +489,12 @@ def train_worker(loop_config: Dict[str, Any]) -> None:
             cfg,
             env,
             source,
-            RayReporter(cfg),
+            RayReporter(cfg.train.async_checkpoint),
             resume_dir=resume_dir,
             stop=stop,
             control=_control(loop_config.get("stop_actor")),
             progress=env.is_main and context.get_world_rank() == 0,
+            after_shards=loop_config.get("after_shards"),
         )
     log.info("worker %d finished at step %d", env.rank, result.steps)
 

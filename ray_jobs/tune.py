@@ -32,6 +32,7 @@ strategy's sampling pmf and weights). The last stdout line is
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -41,12 +42,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ray_jobs.common import emit, init_ray, parse_args, run_main
+from ray_jobs.resources import ClusterCapacity, cluster_capacity, plan_cpus_per_worker
 from speed import storage
 from speed.config import Config, ConfigError, config_from_dict, load_config, num_workers_range, to_dict
 from speed.config.load import apply_overrides
 from speed.experiments import TrialRecord, check_search_space, num_trials, parse_search_space, trial_run_name
 from speed.experiments.outputs import render, write_files
 from speed.experiments.space import SEED_KEY, STRATEGY_KEY, Dimension
+from speed.train.run_layout import RunLayout
 
 log = logging.getLogger("speed.tune")
 
@@ -126,15 +129,19 @@ def report_interval(cfg: Config) -> int:
     return cfg.train.log_every
 
 
-def max_concurrent(cfg: Config, resources: Dict[str, float]) -> int:
-    """tune.max_concurrent_trials, lowered to the number of trials the cluster can hold at once."""
+def max_concurrent(cfg: Config, capacity: ClusterCapacity) -> int:
+    """tune.max_concurrent_trials, lowered to the number of trials the cluster can hold at once.
+
+    A trial's workers are sized as ``ray_jobs.train.build_trainer`` sizes them
+    (``plan_cpus_per_worker``; ``ray.cpus_per_worker=auto`` gives one trial the whole cluster),
+    so a request that can never be placed fails here, before any trial starts."""
     low, _ = num_workers_range(cfg.ray)
     limit = cfg.tune.max_concurrent_trials
-    cpus = low * cfg.ray.cpus_per_worker
-    if cpus > 0 and resources.get("CPU"):
-        limit = min(limit, max(1, int(resources["CPU"] // cpus)))
-    if cfg.ray.use_gpu and resources.get("GPU"):
-        limit = min(limit, max(1, int(resources["GPU"] // low)))
+    cpus = low * plan_cpus_per_worker(cfg, capacity)
+    if cpus > 0 and capacity.total_cpus:
+        limit = min(limit, max(1, int(capacity.total_cpus // cpus + 1e-9)))
+    if cfg.ray.use_gpu and capacity.total_gpus:
+        limit = min(limit, max(1, int(capacity.total_gpus // low)))
     return max(1, limit)
 
 
@@ -164,13 +171,13 @@ def _check_same_experiment(cfg: Config, experiment: str) -> None:
 def _trial_driver(config: Dict[str, Any], base: Optional[Dict[str, Any]] = None,
                   experiment: Optional[str] = None) -> None:
     from ray import tune
-    from ray_jobs.train import build_trainer, preflight, run_uri, training_datasets
+    from ray_jobs.train import build_trainer, preflight, run_layout, training_datasets
 
     trial_id = tune.get_context().get_trial_id()
     base_cfg = config_from_dict(base)
     cfg = trial_config(base_cfg, dict(config), experiment, trial_id)
     started = time.time()
-    info_uri = storage.join(run_uri(cfg), TRIAL_FILE)
+    info_uri = run_layout(cfg).path(TRIAL_FILE)
     info = {"trial_id": trial_id, "values": dict(config), "wall_s": 0.0, "attempts": 0}
     if storage.exists(info_uri, cfg.storage):
         info.update(json.loads(storage.read_text(info_uri, cfg.storage)))
@@ -206,22 +213,15 @@ def _metric_callback(metric: str):
 
 def _replay(cfg: Config) -> None:
     from ray import tune
-    from ray_jobs.train import run_uri
+    from ray_jobs.train import run_layout
 
-    for record in read_history(run_uri(cfg), cfg):
+    for record in run_layout(cfg).iter_metrics():
         if _number(record.get(cfg.tune.metric)):
             tune.report({k: v for k, v in record.items() if _number(v)})
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def read_history(run: str, cfg: Config) -> List[Dict[str, Any]]:
-    uri = storage.join(run, "metrics.jsonl")
-    if not storage.exists(uri, cfg.storage):
-        return []
-    return [json.loads(line) for line in storage.read_text(uri, cfg.storage).splitlines() if line.strip()]
 
 
 # --- the experiment ------------------------------------------------------------------------------
@@ -260,13 +260,8 @@ def _scheduler(cfg: Config):
 
 
 def _base_for_trials(cfg: Config) -> Config:
-    """Local relative paths made absolute: trial actors do not share the driver's working folder."""
-    updates: Dict[str, Any] = {}
-    for key, value in (("data.uri", cfg.data.uri), ("train.init_from", cfg.train.init_from),
-                       ("data.class_index_uri", cfg.data.class_index_uri), ("vae.path", cfg.vae.path)):
-        if value and not storage.is_s3(value) and not Path(value).is_absolute() and Path(value).exists():
-            updates[key] = str(Path(value).resolve())
-    return apply_overrides(cfg, updates) if updates else cfg
+    """Local paths made absolute (a copy): trial actors do not share the driver's working folder."""
+    return storage.absolute_paths(copy.deepcopy(cfg))
 
 
 def run_experiment(cfg: Config, name: str, callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
@@ -289,7 +284,9 @@ def run_experiment(cfg: Config, name: str, callbacks: Sequence[Any] = ()) -> Dic
     if restoring:
         _check_same_experiment(cfg, experiment)
     scheduler = _scheduler(cfg)
-    ray = init_ray(cfg)
+    init_ray(cfg)
+    # Sized like each trial's TorchTrainer (after Ray is connected); fails before anything is written.
+    concurrent = max_concurrent(cfg, cluster_capacity())
     base = _base_for_trials(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(_trial_driver, base=to_dict(base, redact=False), experiment=experiment),
@@ -302,7 +299,6 @@ def run_experiment(cfg: Config, name: str, callbacks: Sequence[Any] = ()) -> Dic
     else:
         storage.write_text(storage.join(experiment, EXPERIMENT_FILE),
                            json.dumps(_experiment_identity(cfg), indent=1, sort_keys=True), cfg.storage)
-        concurrent = max_concurrent(cfg, ray.cluster_resources())
         tuner = tune.Tuner(
             trainable,
             param_space=_param_space(dims),
@@ -355,7 +351,7 @@ def collect_records(cfg: Config, experiment: str, results, early_stopping: bool)
         values = {k: v for k, v in (result.config or {}).items()}
         name = Path(str(result.path)).name
         run = storage.join(experiment, RUNS_FOLDER, name)
-        history = read_history(run, cfg)
+        history = RunLayout(run, cfg.storage).read_metrics()
         trial_cfg = apply_overrides(cfg, values) if values else cfg
         info_uri = storage.join(run, TRIAL_FILE)
         wall = None
@@ -389,7 +385,7 @@ def collect_records(cfg: Config, experiment: str, results, early_stopping: bool)
 
 def _main(argv: List[str]) -> None:
     args = parse_args("tune", argv, default_config=DEFAULT_ABLATION)
-    cfg = load_config(args.config, args.overrides, phase="tune")
+    cfg = storage.absolute_paths(load_config(args.config, args.overrides, phase="tune"))
     name = cfg.tune.name or Path(args.config).stem
     summary = run_experiment(cfg, name)
     best = summary["best"]

@@ -9,13 +9,13 @@ error passes through ``redact``.
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import os
 import posixpath
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import pyarrow.fs as pafs
 
@@ -48,6 +48,31 @@ def split_s3(uri: str) -> Tuple[str, str]:
     if not bucket:
         raise StorageError(f"'{uri}' names no bucket; write s3://bucket/prefix")
     return bucket, key.strip("/")
+
+
+def absolute(uri: Optional[str]) -> Optional[str]:
+    """A local path made absolute against this process's working directory (``file://`` and ``~``
+    resolved); s3:// URIs and None unchanged. Called once, on the driver, for every path in a
+    config: a Ray worker's working directory is not the driver's."""
+    if uri is None or uri == "" or is_s3(uri):
+        return uri
+    return str(Path(str(uri).removeprefix("file://")).expanduser().resolve())
+
+
+# Config fields that hold a path or URI besides the ``*_uri`` ones.
+_PATH_FIELDS = ("uri", "init_from", "resume_from", "inception_weights", "path")
+
+
+def absolute_paths(config: Any) -> Any:
+    """Every local path of a config tree (``*_uri`` fields and ``_PATH_FIELDS``) made absolute, in
+    place; returns the config. Jobs call this once on the driver, right after loading."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            absolute_paths(value)
+        elif isinstance(value, str) and value and (item.name.endswith("_uri") or item.name in _PATH_FIELDS):
+            setattr(config, item.name, absolute(value))
+    return config
 
 
 def join(base: str, *parts: str) -> str:
@@ -311,11 +336,6 @@ def delete(uri: str, storage: Optional[StorageConfig] = None) -> None:
         fs.delete_file(path)
 
 
-def makedirs(uri: str, storage: Optional[StorageConfig] = None) -> None:
-    fs, path = filesystem(uri, storage)
-    fs.create_dir(path, recursive=True)
-
-
 def local_copy(uri: str, dest_dir: str, storage: Optional[StorageConfig] = None) -> str:
     """Copy a file or folder from any URI to a local folder; returns the local path.
 
@@ -339,8 +359,4 @@ def local_copy(uri: str, dest_dir: str, storage: Optional[StorageConfig] = None)
     target.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return str(target)
-
-
-def open_bytes_io(uri: str, storage: Optional[StorageConfig] = None) -> io.BytesIO:
-    return io.BytesIO(read_bytes(uri, storage))
 

@@ -33,6 +33,8 @@ def main(output_dir: str) -> int:
     second = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address)
     from ray_jobs import train as train_job
+    from speed import storage
+    from speed.train.run_layout import RunLayout
 
     from tests.conftest import TINY_TRAIN
 
@@ -45,15 +47,16 @@ def main(output_dir: str) -> int:
     thread = threading.Thread(target=lambda: result.setdefault("code", train_job.main(args)))
     thread.start()
     run_dir = Path(output_dir) / "elastic"
-    metrics = run_dir / "metrics.jsonl"
+    layout = RunLayout(str(run_dir))
     observed = []  # (step, world_size) in the order they first appeared
 
     def records():
+        # A restart drops the metrics parts after its checkpoint: a part listed a moment ago may be
+        # gone when it is read; the next poll reads again.
         try:
-            text = metrics.read_text()
-        except FileNotFoundError:
+            return layout.read_metrics()
+        except (OSError, storage.StorageError):
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def poll():
         for record in records():
@@ -73,8 +76,8 @@ def main(output_dir: str) -> int:
     # A record two log steps past a checkpoint means every rank got through that checkpoint's report.
     wait_for(lambda seen: any(ws == 2 and step >= CHECKPOINT_EVERY + LOG_EVERY for step, ws in seen),
              "two workers past the first committed checkpoint")
-    complete = sorted(json.loads((p / "state.json").read_text())["step"]
-                      for p in run_dir.glob("checkpoint_*") if (p / "state.json").exists())
+    complete = sorted(json.loads((Path(uri) / "state.json").read_text())["step"]
+                      for _, uri in layout.checkpoints() if (Path(uri) / "state.json").exists())
     cluster.remove_node(second)
     wait_for(lambda seen: any(ws == 1 for _, ws in seen), "shrink to one worker")
     cluster.add_node(num_cpus=1)

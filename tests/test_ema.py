@@ -31,11 +31,11 @@ def test_warmup_decay_formula():
 def test_update_is_a_lerp():
     model = nn.Linear(3, 1)
     ema = EMA(model, decay=0.75, warmup=False)
-    start = ema.module.weight.clone()
+    start = ema.state_dict()["weight"].clone()
     with torch.no_grad():
         model.weight.fill_(1.0)
     ema.update(model, step=0)
-    assert torch.allclose(ema.module.weight, 0.75 * start + 0.25)
+    assert torch.allclose(ema.state_dict()["weight"], 0.75 * start + 0.25)
 
 
 def test_converges_to_constant_params():
@@ -46,7 +46,7 @@ def test_converges_to_constant_params():
             p.fill_(2.5)
     for step in range(200):
         ema.update(model, step)
-    for p in ema.module.parameters():
+    for p in ema.state_dict().values():
         assert torch.allclose(p, torch.full_like(p, 2.5), atol=1e-6)
 
 
@@ -54,7 +54,7 @@ def test_update_does_not_change_model():
     model = _tiny_dit()
     ema = EMA(model)
     with torch.no_grad():
-        for p in ema.module.parameters():
+        for p in ema.state_dict().values():
             p.add_(1.0)  # make the shadow differ so a wrong-direction update would show
     before = _snapshot(model)
     ema.update(model, step=5)
@@ -82,8 +82,7 @@ def test_state_dict_round_trip():
 def test_dit_bf16_model_with_fp32_shadow():
     model = _tiny_dit().to(torch.bfloat16)
     ema = EMA(model, decay=0.9)
-    assert all(p.dtype == torch.float32 and not p.requires_grad for p in ema.module.parameters())
-    assert not ema.module.training
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in ema.state_dict().values())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
     t, y = torch.tensor([3, 700]), torch.tensor([1, 9])
@@ -92,13 +91,15 @@ def test_dit_bf16_model_with_fp32_shadow():
     ema.update(model, step=0)
     # A torch.compile wrapper (parameter names prefixed "_orig_mod.") is unwrapped; nothing compiles here.
     ema.update(torch.compile(model), step=1)
-    out = ema.module(x.float(), t, y)
+    plain = _tiny_dit()
+    plain.load_state_dict(ema.full_state_dict(), strict=True)
+    out = plain.eval()(x.float(), t, y)
     assert out.shape == (2, 8, 8, 8) and torch.isfinite(out).all()
 
     target = _tiny_dit()
     ema.copy_to(target)
     for name, p in target.named_parameters():
-        assert torch.equal(p, dict(ema.module.named_parameters())[name])
+        assert torch.equal(p, ema.state_dict()[name])
 
 
 def _free_port() -> int:
@@ -124,8 +125,6 @@ def test_fsdp2_sharded_model(monkeypatch):
         fully_shard(model)
         ema = EMA(model, decay=0.5, warmup=False)
         assert ema.sharded
-        with pytest.raises(RuntimeError, match="copy_to"):
-            ema.module
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([1, 2])
         (model(x, t, y) - 1).square().mean().backward()
@@ -139,7 +138,9 @@ def test_fsdp2_sharded_model(monkeypatch):
         assert isinstance(state["final_layer.linear.weight"], DTensor)
         assert set(state) == set(model.state_dict())
         assert torch.allclose(state["final_layer.linear.weight"].full_tensor(), 0.5 * shadow_before + 0.5 * after)
+        full = ema.full_state_dict()
+        assert torch.equal(full["final_layer.linear.weight"], state["final_layer.linear.weight"].full_tensor())
         ema.copy_to(model)
-        assert torch.equal(model.final_layer.linear.weight.full_tensor(), state["final_layer.linear.weight"].full_tensor())
+        assert torch.equal(model.final_layer.linear.weight.full_tensor(), full["final_layer.linear.weight"])
     finally:
         dist.destroy_process_group()

@@ -29,7 +29,8 @@ from speed.evaluate import (
 )
 from speed.evaluate import digits as digits_module
 from speed.sample import NpzWriter, generate, load_sampling_model
-from speed.train.export import build_model, describe, save_export
+from speed.models import build_model, describe
+from speed.models.export import save_export
 
 
 class PassThrough(torch.nn.Module):
@@ -267,7 +268,7 @@ def train_digits_export(folder, steps: int = 500, seed: int = 0) -> str:
     from speed.data.digits import load_digits
 
     cfg = load_config(None, TRAINED_OVERRIDES)
-    description = describe(cfg, step=steps)
+    description = describe(cfg.model, cfg.data, cfg.diffusion, step=steps)
     images, labels = load_digits(8, 1)
     diffusion = create_diffusion(cfg.diffusion.num_timesteps, cfg.diffusion.schedule, learn_sigma=True)
     generator = torch.Generator().manual_seed(seed)

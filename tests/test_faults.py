@@ -3,7 +3,6 @@ write, and secrets that must not leak into anything a job writes (logs, configs,
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -13,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from ray_jobs import train as train_job
+from ray_jobs.common import load_job_config
+from speed import storage
+from speed.train.run_layout import RunLayout
 from tests.conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY, TINY_TRAIN
 
 pytestmark = [pytest.mark.ray]
@@ -21,15 +23,32 @@ TINY = [*TINY_TRAIN, "ray.max_failures=2"]
 
 
 def metrics_steps(run_dir: Path):
-    return [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [r["step"] for r in RunLayout(str(run_dir)).read_metrics()]
 
 
 def metrics_records(run_dir: Path):
+    """The run's records so far; [] while a part is replaced under the reader (a resume drops
+    the parts after its checkpoint), the next poll reads again."""
     try:
-        text = (run_dir / "metrics.jsonl").read_text()
-    except FileNotFoundError:
+        return RunLayout(str(run_dir)).read_metrics()
+    except (OSError, storage.StorageError):
         return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class CrashOnceAt:
+    """``after_shards`` hook: the first time the checkpoint of ``step`` has its shards on disk but no
+    state.json yet, the worker process dies. It travels to the Ray Train workers inside
+    train_loop_config (pickled by reference to this module); the marker file keeps the restarted
+    worker from crashing again."""
+
+    def __init__(self, step: int, marker: str):
+        self.step = step
+        self.marker = marker
+
+    def __call__(self, step: int) -> None:
+        if step == self.step and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(step))
+            os._exit(17)
 
 
 def train_worker_pids():
@@ -78,28 +97,22 @@ def test_sigkilled_worker_restarts_from_checkpoint(ray_session, tmp_path, capsys
     assert all(r["world_size"] == 2 for r in records)
 
 
-def test_crash_during_checkpoint_write_resumes_from_previous(ray_session, tmp_path, monkeypatch, capsys):
+def test_crash_during_checkpoint_write_resumes_from_previous(ray_session, tmp_path, capsys):
     marker = tmp_path / "fault-fired"
-    monkeypatch.setenv("SPEED_FAULT_INJECT", f"checkpoint_write:4:{marker}")
-    # Workers inherit the driver's environment through the runtime env.
     args = [*TINY, f"run.output_uri={tmp_path}", "run.name=crash", "train.steps=6", "train.checkpoint_every=2",
             "ray.num_workers=1"]
-    import ray
-
-    @ray.remote(num_cpus=0)
-    def run():
-        return train_job.main(args)
-
-    code = ray.get(run.options(runtime_env={"env_vars": {"SPEED_FAULT_INJECT": os.environ["SPEED_FAULT_INJECT"]}}).remote())
-    assert code == 0
+    cfg = load_job_config("train", args)
+    # The worker dies between checkpoint 4's shards and its state.json; Ray Train restarts it.
+    done = train_job.run_training(cfg, after_shards=CrashOnceAt(4, str(marker)))
     assert marker.exists(), "the fault never fired"
+    assert done["steps"] == 6
     run_dir = tmp_path / "crash"
     steps = metrics_steps(run_dir)
     assert steps == sorted(set(steps)) and steps[-1] == 6
     # Every checkpoint folder the run kept is complete: the half-written one was never registered.
-    folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    folders = [uri for _, uri in RunLayout(str(run_dir)).checkpoints()]
     assert folders
-    for folder in folders:
+    for folder in map(Path, folders):
         assert (folder / "state.json").is_file() and (folder / ".metadata").is_file()
 
 

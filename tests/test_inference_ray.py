@@ -15,7 +15,7 @@ from PIL import Image
 from speed import storage
 from speed.config import load_config
 from speed.sample import NpzArray, NpzWriter, decode_shard, shard_uri
-from tests.test_sample import random_export
+from tests.test_sample import random_export, save_training_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -120,6 +120,32 @@ def test_sample_grid_job(ray_session, export, tmp_path, capsys):
     # 2 rows x 3 columns of 8 px cells (2 px padding), upscaled x4.
     assert Image.open(png).size == ((3 * 10 + 2) * 4, (2 * 10 + 2) * 4)
 
+
+
+def test_jobs_sample_a_training_checkpoint_a_run_folder_and_the_default_export(ray_session, tmp_path, capsys):
+    """What python -m ray_jobs.train prints is what the sampling jobs take: its checkpoint, its run
+    folder (newest complete checkpoint while there is no export) and, with no key, the run's export."""
+    from speed.train.run_layout import RunLayout
+
+    from ray_jobs import inference, sample
+
+    run_args = [f"run.output_uri={tmp_path}", "run.name=r1"]
+    layout = RunLayout.for_run(load_config(None, run_args).run)
+    checkpoint = layout.checkpoint_uri(4)
+    save_training_checkpoint(checkpoint, step=4)
+    grid = ["model.name=DiT-N/2", "sampling.steps=3", "sample.classes=[1]", "sample.per_class=2", *run_args]
+    assert sample.main([*grid, f"sample.checkpoint_uri={layout.root}"]) == 0
+    record = last_json(capsys.readouterr().out)
+    assert record["event"] == "sample_grid_done" and record["weights"] == checkpoint and record["model_step"] == 4
+    output = str(tmp_path / "from-checkpoint")
+    assert inference.main([*inference_args(checkpoint, output, 1, tmp_path), *run_args,
+                           "inference.num_samples=4", "sampling.steps=3"]) == 0
+    record = last_json(capsys.readouterr().out)
+    assert record["event"] == "sample_done" and record["weights"] == checkpoint and record["generated"] == 4
+    random_export(layout.export_uri)
+    assert sample.main(grid) == 0  # no key: the run's export
+    record = last_json(capsys.readouterr().out)
+    assert record["weights"] == os.path.join(layout.export_uri, "ema.safetensors") and record["model_step"] == 0
 
 def test_evaluate_job_digits(one_actor_run, tmp_path, capsys):
     from ray_jobs import evaluate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -33,7 +34,8 @@ from speed.sample import (
     sample_seed,
     shard_uri,
 )
-from speed.train.export import WeightsError, build_model, describe, load_export, save_export
+from speed.models import build_model, describe
+from speed.models.export import WeightsError, load_export, save_export
 from speed import storage
 
 NANO = ["model.name=DiT-N/2", "sampling.steps=8"]
@@ -42,7 +44,7 @@ NANO = ["model.name=DiT-N/2", "sampling.steps=8"]
 def random_export(folder, *overrides, scale=0.05, seed=0):
     """A DiT-N/2 export with random (non-zero) weights: untrained, but every layer matters."""
     cfg = load_config(None, [*NANO, *overrides])
-    description = describe(cfg)
+    description = describe(cfg.model, cfg.data, cfg.diffusion)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(cfg.model, description.input_size, description.in_channels)
@@ -113,7 +115,7 @@ def test_generate_checks_inputs(nano):
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
         generate(model, description, cfg.sampling, [10], [0], 0, "cpu")
     no_null = load_config(None, [*NANO, "model.class_dropout_prob=0"])
-    desc = describe(no_null)
+    desc = describe(no_null.model, no_null.data, no_null.diffusion)
     guided = load_config(None, [*NANO, "sampling.guidance_scale=1.5"]).sampling
     with pytest.raises(ConfigError, match="sampling.guidance_scale"):
         generate(model, desc, guided, [1], [0], 0, "cpu")
@@ -199,6 +201,147 @@ def test_weights_resolution_errors(tmp_path, nano):
     with pytest.raises(WeightsError, match="not a safetensors file"):
         read_description(str(tmp_path / "junk.safetensors"))
 
+
+
+# --- training checkpoints, run folders and the default export ------------------------------------
+
+
+class _TinyTrainer:
+    """The parts of a trainer a checkpoint holds that sampling reads: model and EMA weights."""
+
+    def __init__(self, model, ema):
+        self.model, self.ema = model, ema
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "ema": self.ema}
+
+    def load_state_dict(self, state):  # pragma: no cover - sampling never resumes training
+        raise AssertionError("not used")
+
+
+def save_training_checkpoint(directory, step=4, seed=1):
+    """A real training checkpoint (DCP shards + state.json) of a DiT-N/2 whose EMA differs from
+    its raw weights; returns the EMA state dict."""
+    from speed.train.checkpoint import TrainState, save_checkpoint
+    from speed.train.distributed import DistEnv
+
+    cfg = load_config(None, NANO)
+    description = describe(cfg.model, cfg.data, cfg.diffusion, step=step)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, description.input_size, description.in_channels)
+        ema = {k: torch.randn_like(v) * 0.05 for k, v in model.state_dict().items()}
+    state = TrainState(step=step, description=dataclasses.asdict(description))
+    save_checkpoint(str(directory), _TinyTrainer(model, ema), state, DistEnv())
+    return ema
+
+
+def _truncate_a_shard(checkpoint) -> None:
+    shard = sorted(p for p in os.listdir(checkpoint) if p.endswith(".distcp"))[0]
+    path = os.path.join(checkpoint, shard)
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+
+
+def test_training_checkpoint_is_accepted_by_read_description_and_the_loader(tmp_path):
+    from speed.sample import resolve_weights
+    from speed.train.run_layout import RunLayout
+
+    layout = RunLayout(str(tmp_path / "runs" / "r1"))
+    checkpoint = layout.checkpoint_uri(4)
+    ema = save_training_checkpoint(checkpoint, step=4)
+    assert resolve_weights(checkpoint).kind == "checkpoint" and resolve_weights(checkpoint).uri == checkpoint
+    description = read_description(checkpoint, key="sample.checkpoint_uri")
+    assert description.step == 4 and description.model["name"] == "DiT-N/2" and description.input_size == 8
+    model, loaded = load_sampling_model(checkpoint)
+    assert loaded == description and not model.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ema[name]), name  # the EMA weights, not the raw ones
+    # An incomplete checkpoint named directly fails on the driver, naming the key.
+    _truncate_a_shard(checkpoint)
+    with pytest.raises(WeightsError, match="sample.checkpoint_uri.*incomplete.*truncated"):
+        read_description(checkpoint, key="sample.checkpoint_uri")
+    with pytest.raises(WeightsError, match="incomplete"):
+        load_sampling_model(checkpoint)
+
+
+def test_run_folder_resolves_to_its_export_else_its_newest_complete_checkpoint(tmp_path):
+    from speed.sample import resolve_weights
+    from speed.train.run_layout import RunLayout
+
+    layout = RunLayout(str(tmp_path / "r1"))
+    with pytest.raises(WeightsError, match="does not exist"):
+        read_description(layout.root)
+    (tmp_path / "r1").mkdir()
+    with pytest.raises(WeightsError, match="no ema.safetensors"):
+        read_description(layout.root)  # an empty folder is none of the accepted things
+    storage.write_text(layout.config_uri, "run: {}\n")
+    with pytest.raises(WeightsError, match="no export .* and no complete checkpoint"):
+        read_description(layout.root)
+    save_training_checkpoint(layout.checkpoint_uri(2), step=2)
+    save_training_checkpoint(layout.checkpoint_uri(6), step=6)
+    _truncate_a_shard(layout.checkpoint_uri(6))  # an interrupted upload: passed over
+    source = resolve_weights(layout.root)
+    assert source.kind == "checkpoint" and source.uri == layout.checkpoint_uri(2) and source.given == layout.root
+    assert read_description(layout.root).step == 2
+    assert load_sampling_model(layout.root)[1].step == 2
+    # Once the run has an export, the run folder means the export.
+    random_export(layout.export_uri)
+    source = resolve_weights(layout.root)
+    assert source.kind == "export" and source.uri == os.path.join(layout.export_uri, "ema.safetensors")
+    assert read_description(layout.root).step == 0
+    # Resolving a resolved URI gives the same source: what a driver hands its workers.
+    assert resolve_weights(source.uri).uri == source.uri
+
+
+def test_every_path_train_prints_is_accepted_and_both_readers_agree(tmp_path):
+    from speed.train.run_layout import RunLayout
+
+    layout = RunLayout(str(tmp_path / "r1"))
+    save_training_checkpoint(layout.checkpoint_uri(4), step=4)
+    random_export(layout.export_uri)
+    printed = {"checkpoint": layout.checkpoint_uri(4), "export": os.path.join(layout.export_uri, "ema.safetensors"),
+               "export folder": layout.export_uri, "run": layout.root}
+    for what, uri in printed.items():
+        description = read_description(uri)
+        assert load_sampling_model(uri)[1] == description, what
+    assert read_description(printed["checkpoint"]).step == 4
+
+
+def test_training_checkpoint_on_s3_reads_only_its_state(s3_bucket, tmp_path):
+    from speed.sample import resolve_weights
+
+    local = tmp_path / "checkpoint_0000003"
+    save_training_checkpoint(local, step=3)
+    run = f"{s3_bucket}/runs/r1"
+    for name in os.listdir(local):
+        storage.write_bytes(f"{run}/checkpoint_0000003/{name}", (local / name).read_bytes())
+    assert read_description(f"{run}/checkpoint_0000003").step == 3
+    source = resolve_weights(run)
+    assert source.kind == "checkpoint" and source.uri == f"{run}/checkpoint_0000003"
+    assert load_sampling_model(run)[1].step == 3
+
+
+def test_jobs_default_to_the_runs_export(tmp_path):
+    from speed.sample import job_weights
+    from speed.train.run_layout import RunLayout
+
+    cfg = load_config(None, [*NANO, f"run.output_uri={tmp_path}", "run.name=r1"])
+    layout = RunLayout.for_run(cfg.run, cfg.storage)
+    with pytest.raises(ConfigError) as missing:
+        job_weights(None, cfg, key="sample.checkpoint_uri")
+    message = str(missing.value)
+    assert "sample.checkpoint_uri" in message and layout.export_uri in message
+    assert "python -m ray_jobs.train" in message and "set sample.checkpoint_uri" in message
+    # With checkpoints but no export yet, the message says how to sample the newest one.
+    save_training_checkpoint(layout.checkpoint_uri(2), step=2)
+    with pytest.raises(ConfigError, match=f"sample.checkpoint_uri={layout.root}"):
+        job_weights(None, cfg, key="sample.checkpoint_uri")
+    random_export(layout.export_uri)
+    source = job_weights(None, cfg, key="sample.checkpoint_uri")
+    assert source.kind == "export" and source.uri == os.path.join(layout.export_uri, "ema.safetensors")
+    # A set key wins over the default.
+    assert job_weights(layout.checkpoint_uri(2), cfg, key="sample.checkpoint_uri").kind == "checkpoint"
 
 # --- the DiT converter -----------------------------------------------------------------------------
 

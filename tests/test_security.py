@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from speed.config import load_config
-from speed.train.export import WeightsError, describe, load_export, read_weights, save_export
+from speed.models import describe
+from speed.models.export import WeightsError, load_export, read_weights, save_export
 
 
 class _Exploit:
@@ -41,29 +42,41 @@ def test_init_from_and_exports_refuse_pickles(tmp_path):
 
 
 def test_trainer_init_from_refuses_pickle(tmp_path):
+    """train.init_from is read inside the training loop: a pickle there stops the run, unopened."""
+    from speed import storage
+    from speed.train import loop
     from speed.train.distributed import DistEnv
-    from speed.train.loop import Trainer
+    from speed.train.run_layout import RunLayout
+    from speed.train.sources import FixedSource, LocalReporter
 
     bad = malicious_file(tmp_path, "init.safetensors")
-    cfg = load_config(None, ["model.name=DiT-N/2", "parallel.strategy=none", f"train.init_from={bad}"])
+    cfg = storage.absolute_paths(load_config(None, [
+        "model.name=DiT-N/2", "parallel.strategy=none", "train.steps=2", "train.global_batch_size=4",
+        "train.micro_batch_size=4", f"train.init_from={bad}", f"run.output_uri={tmp_path / 'runs'}",
+        "run.name=init-from-pickle",
+    ]))
+    source = FixedSource(torch.zeros(4, cfg.data.channels, cfg.data.resolution, cfg.data.resolution),
+                         torch.zeros(4, dtype=torch.long))
+    reporter = LocalReporter(RunLayout.for_run(cfg.run), keep=2)
     with pytest.raises(WeightsError, match="train.init_from"):
-        Trainer(cfg, DistEnv()).init_weights_from(str(bad))
+        loop.train(cfg, DistEnv(), source, reporter, progress=False)
     assert not (tmp_path / "pwned").exists()
+    assert reporter.metrics == [] and reporter.latest() is None  # not one step was trained
 
 
 def test_export_round_trip_and_wrong_model_is_named(tmp_path):
-    from speed.train.export import build_model
+    from speed.models import build_model
 
     cfg = load_config(None, ["model.name=DiT-N/2"])
     model = build_model(cfg.model, 8, 1)
-    uri = save_export(model.state_dict(), describe(cfg, 5), str(tmp_path / "export"))
+    uri = save_export(model.state_dict(), describe(cfg.model, cfg.data, cfg.diffusion, 5), str(tmp_path / "export"))
     loaded, description = load_export(uri)
     assert description.step == 5 and description.input_size == 8
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
     other = load_config(None, ["model.name=DiT-T/2"])
     with pytest.raises(WeightsError, match="do not fit the configured model"):
-        from speed.train.export import load_state_dict_checked
+        from speed.models.export import load_state_dict_checked
 
         load_state_dict_checked(build_model(other.model, 8, 1), dict(model.state_dict()), source=uri, key="train.init_from")
 

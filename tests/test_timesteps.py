@@ -128,7 +128,7 @@ def test_bad_parameters_rejected():
         build_timestep_strategy("speed", BETAS, tau=T + 1)
     with pytest.raises(ValueError, match="tau"):
         build_timestep_strategy("speed", BETAS, tau=0)
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match=r"speed.k=0 .*> 0"):
         build_timestep_strategy("speed", BETAS, k=0)
     with pytest.raises(ValueError, match="min_snr") as info:
         build_timestep_strategy("nope", BETAS)
@@ -203,3 +203,15 @@ def test_composed_speed_sampling_with_min_snr_weights():
         build_timestep_strategy("speed", BETAS, params={"speed": {"k": 2}}, k=3)
     with pytest.raises(ValueError, match="gamma"):
         build_timestep_strategy("speed", BETAS, weighting="min_snr", params={"min_snr": {"gama": 2}})
+
+
+def test_parameters_are_the_schema_dataclasses():
+    from speed.config.schema import SpeedParams
+
+    as_dict = build_timestep_strategy("speed", BETAS, params={"speed": {"k": 2.0}})
+    as_params = build_timestep_strategy("speed", BETAS, params={"speed": SpeedParams(k=2.0)})
+    assert torch.equal(as_dict.pmf, as_params.pmf) and torch.equal(as_dict.weights, as_params.weights)
+    defaults = build_timestep_strategy("speed", BETAS)
+    assert torch.equal(defaults.pmf, build_timestep_strategy("speed", BETAS, params={"speed": SpeedParams()}).pmf)
+    with pytest.raises(ValueError, match="SpeedParams"):
+        build_timestep_strategy("min_snr", BETAS, params={"min_snr": SpeedParams()})

@@ -15,8 +15,10 @@ import torch.multiprocessing as mp
 
 from speed.config import load_config
 from speed.train import loop
-from speed.train.checkpoint import NonFiniteWeightsError, incomplete_reason, is_complete, stored_incomplete_reason
+from speed.train import components
+from speed.train.checkpoint import NonFiniteWeightsError, incomplete_reason, is_complete
 from speed.train.distributed import DistEnv, accumulation_steps, micro_slices, rank_slice, worker_shares
+from speed.train.run_layout import RunLayout
 from speed.train.sources import FixedSource, IndexedSource, LocalReporter
 
 from tests.conftest import free_port
@@ -28,12 +30,16 @@ BASE = ["model.name=DiT-N/2", "train.log_every=2", "train.eval_every=0", "train.
 @pytest.fixture(autouse=True)
 def _no_eval(monkeypatch):
     # Periodic sampling/eval are tested with the evaluation code; here they only cost time.
-    monkeypatch.setattr(loop, "_evaluate", lambda *a, **k: {})
-    monkeypatch.setattr(loop, "_sample_grid", lambda *a, **k: None)
+    monkeypatch.setattr(components.Evaluator, "run", lambda *a, **k: {})
+    monkeypatch.setattr(components.SampleGrid, "run", lambda *a, **k: {})
 
 
 def make_cfg(tmp, *extra):
     return load_config(None, [*BASE, f"run.output_uri={tmp}", *extra])
+
+
+def reporter_for(cfg):
+    return LocalReporter(RunLayout.for_run(cfg.run, cfg.storage), keep=cfg.train.keep_checkpoints)
 
 
 def fixed_batch(n=8):
@@ -65,7 +71,7 @@ def _one_step(rank, world, port, strategy, micro, out_file, tmp):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     env = DistEnv(rank=rank, world_size=world)
     cfg = make_cfg(tmp, f"parallel.strategy={strategy}", "train.global_batch_size=8", f"train.micro_batch_size={micro}")
-    trainer = loop.Trainer(cfg, env)
+    trainer = loop.build_trainer(cfg, env)
     x, y = fixed_batch()
     trainer.train_step(0, x[trainer.offset: trainer.offset + trainer.count], y[trainer.offset: trainer.offset + trainer.count])
     loss = trainer.metrics.read(env)["loss"]
@@ -95,7 +101,7 @@ def test_accumulation_equals_two_workers_and_fsdp_matches_ddp(tmp_path):
         torch.testing.assert_close(fsdp["params"][key], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ddp["params"][key], value, rtol=1e-5, atol=1e-6)
     moved = sum(float((single["params"][k] - v).abs().sum()) for k, v in full_params(
-        loop.Trainer(make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=8"), DistEnv()).model).items())
+        loop.build_trainer(make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=8"), DistEnv()).model).items())
     assert moved > 0  # the step really changed the weights
 
 
@@ -111,11 +117,10 @@ def test_resume_is_bit_exact(tmp_path):
     (single CPU worker, fixed seed, the in-memory digits in their seeded order)."""
     common = ["parallel.strategy=none", "train.global_batch_size=8", "train.checkpoint_every=3"]
     straight_cfg = make_cfg(tmp_path / "a", *common, "train.steps=6")
-    straight = loop.train(straight_cfg, DistEnv(), digits_source(), LocalReporter(str(tmp_path / "a" / "digits-speed")),
-                          progress=False)
-    reporter = LocalReporter(str(tmp_path / "b" / "digits-speed"))
-    first = loop.train(make_cfg(tmp_path / "b", *common, "train.steps=3"), DistEnv(), digits_source(), reporter,
-                       progress=False)
+    straight = loop.train(straight_cfg, DistEnv(), digits_source(), reporter_for(straight_cfg), progress=False)
+    first_cfg = make_cfg(tmp_path / "b", *common, "train.steps=3")
+    reporter = reporter_for(first_cfg)
+    first = loop.train(first_cfg, DistEnv(), digits_source(), reporter, progress=False)
     assert first.steps == 3 and is_complete(reporter.latest())
     # A new process would build everything afresh: a new source, a new Trainer, the checkpoint.
     resumed = loop.train(make_cfg(tmp_path / "b", *common, "train.steps=6"), DistEnv(), digits_source(), reporter,
@@ -134,16 +139,18 @@ def test_resume_is_bit_exact(tmp_path):
     assert description.step == 6
     for key, value in model.state_dict().items():
         assert torch.equal(value, b[key]), key
-    # metrics.jsonl continues from the checkpoint step without duplicates
-    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "digits-speed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 6
+    # the metrics continue from the checkpoint step without duplicates, in one part per checkpoint interval
+    layout = RunLayout.for_run(first_cfg.run)
+    steps = [r["step"] for r in layout.read_metrics()]
+    assert steps == [2, 3, 4, 6], steps
+    assert [first for first, _ in layout.metrics_parts()] == [2, 4]
 
 
 def test_nonfinite_loss_stops_with_step_range_and_writes_no_checkpoint(tmp_path):
     x, y = fixed_batch()
     x = x * float("inf")
     cfg = make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=8", "train.steps=4", "train.checkpoint_every=4")
-    reporter = LocalReporter(str(tmp_path / "digits-speed"))
+    reporter = reporter_for(cfg)
     with pytest.raises(loop.NonFiniteLossError, match="between steps 1 and 2"):
         loop.train(cfg, DistEnv(), FixedSource(x, y), reporter, progress=False)
     assert reporter.latest() is None
@@ -153,8 +160,8 @@ def test_nonfinite_skip_mode_skips_steps(tmp_path):
     x, y = fixed_batch()
     x[0] = float("nan")
     cfg = make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=8", "train.steps=2",
-                   "train.on_nonfinite=skip", "train.checkpoint_every=0")
-    result = loop.train(cfg, DistEnv(), FixedSource(x, y), LocalReporter(str(tmp_path / "digits-speed")), progress=False)
+                   "train.on_nonfinite=skip", "train.checkpoint_every=100")
+    result = loop.train(cfg, DistEnv(), FixedSource(x, y), reporter_for(cfg), progress=False)
     assert result.history[-1]["skipped_steps"] == 2
     from safetensors.torch import load_file
 
@@ -163,11 +170,14 @@ def test_nonfinite_skip_mode_skips_steps(tmp_path):
 
 def test_checkpoint_refuses_nonfinite_weights(tmp_path):
     cfg = make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=8")
-    trainer = loop.Trainer(cfg, DistEnv())
+    trainer = loop.build_trainer(cfg, DistEnv())
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))
     with pytest.raises(NonFiniteWeightsError):
-        loop._checkpoint(trainer, cfg, DistEnv(), 1, 8, LocalReporter(str(tmp_path / "r")), {})
+        checkpointer = components.Checkpointer(DistEnv(), schedule=components.Schedule(1, 1), reporter=reporter_for(cfg),
+                                               config={})
+        checkpointer.save(trainer, 1, 8, {})
+    assert reporter_for(cfg).latest() is None
 
 
 def test_lr_schedule_is_pure():
@@ -184,9 +194,9 @@ def test_small_dit_overfits_a_digits_batch(tmp_path):
     images, labels = load_digits(8, 1)
     x, y = images[:16], labels[:16]
     cfg = make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=16", "train.steps=150",
-                   "train.log_every=25", "optim.lr=2e-3", "diffusion.timesteps.name=uniform", "train.checkpoint_every=0",
+                   "train.log_every=25", "optim.lr=2e-3", "diffusion.timesteps.name=uniform", "train.checkpoint_every=1000",
                    "model.class_dropout_prob=0.0")
-    result = loop.train(cfg, DistEnv(), FixedSource(x, y), LocalReporter(str(tmp_path / "digits-speed")), progress=False)
+    result = loop.train(cfg, DistEnv(), FixedSource(x, y), reporter_for(cfg), progress=False)
     first, last = result.history[0]["mse"], result.history[-1]["mse"]
     assert last < 0.5 * first, (first, last)
 
@@ -197,9 +207,10 @@ def test_incomplete_checkpoints_are_recognised_locally_and_in_s3(tmp_path, s3_bu
     from speed import storage
 
     x, y = fixed_batch()
-    reporter = LocalReporter(str(tmp_path / "run" / "digits-speed"))
-    loop.train(make_cfg(tmp_path / "run", "parallel.strategy=none", "train.global_batch_size=8", "train.steps=2",
-                        "train.checkpoint_every=2"), DistEnv(), FixedSource(x, y), reporter, progress=False)
+    cfg = make_cfg(tmp_path / "run", "parallel.strategy=none", "train.global_batch_size=8", "train.steps=2",
+                   "train.checkpoint_every=2")
+    reporter = reporter_for(cfg)
+    loop.train(cfg, DistEnv(), FixedSource(x, y), reporter, progress=False)
     good = Path(reporter.latest())
     assert incomplete_reason(good) is None
     shard = sorted(good.glob("*.distcp"))[0]
@@ -223,6 +234,69 @@ def test_incomplete_checkpoints_are_recognised_locally_and_in_s3(tmp_path, s3_bu
     for name, (change, reason) in cases.items():
         folder, remote = variant(name, change)
         assert reason in incomplete_reason(folder), name
-        assert reason in stored_incomplete_reason(remote), name
+        assert reason in incomplete_reason(remote), name
     _, remote = variant("whole", lambda f: None)
-    assert stored_incomplete_reason(remote) is None
+    assert incomplete_reason(remote) is None
+
+
+def test_schedules_need_no_common_multiple(tmp_path, monkeypatch):
+    """An evaluation or grid step that is not a log step still writes a record with its step, and
+    the run trains to the end (log_every=4, eval_every=6, sample_every=5, steps=12)."""
+    monkeypatch.setattr(components.Evaluator, "run", lambda self, model: {"digits_fid": 1.5})
+    monkeypatch.setattr(components.SampleGrid, "run", lambda self, model, step: {"sample_grid": f"grid-{step}"})
+    x, y = fixed_batch()
+    cfg = make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=8", "train.steps=12",
+                   "train.log_every=4", "train.eval_every=6", "train.sample_every=5", "train.checkpoint_every=100",
+                   "train.eval_num_samples=10")
+    result = loop.train(cfg, DistEnv(), FixedSource(x, y), reporter_for(cfg), progress=False)
+    assert result.steps == 12 and result.export_uri
+    records = RunLayout.for_run(cfg.run).read_metrics()
+    assert [r["step"] for r in records] == [4, 5, 6, 8, 10, 12]
+    by_step = {r["step"]: r for r in records}
+    assert "loss" in by_step[4] and "loss" not in by_step[6] and by_step[6]["digits_fid"] == 1.5
+    assert by_step[5]["sample_grid"] == "grid-5" and by_step[10]["sample_grid"] == "grid-10"
+    assert "loss" in by_step[12] and by_step[12]["digits_fid"] == 1.5 and by_step[12]["sample_grid"] == "grid-12"
+
+
+def test_final_checkpoint_and_export_come_before_the_final_evaluation(tmp_path, monkeypatch):
+    def interrupted(self, model):
+        raise KeyboardInterrupt("evaluation interrupted")
+
+    monkeypatch.setattr(components.Evaluator, "run", interrupted)
+    x, y = fixed_batch()
+    cfg = make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=8", "train.steps=4",
+                   "train.checkpoint_every=100", "train.eval_num_samples=10")
+    reporter = reporter_for(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg, DistEnv(), FixedSource(x, y), reporter, progress=False)
+    layout = RunLayout.for_run(cfg.run)
+    assert reporter.latest() == layout.checkpoint_uri(4) and is_complete(reporter.latest())
+    assert (Path(layout.export_uri) / "ema.safetensors").is_file()
+    assert [r["step"] for r in layout.read_metrics()] == [2, 4]
+
+
+def test_eval_num_samples_zero_turns_evaluation_off(tmp_path, monkeypatch):
+    def must_not_run(self, model):
+        raise AssertionError("evaluation ran")
+
+    monkeypatch.setattr(components.Evaluator, "run", must_not_run)
+    x, y = fixed_batch()
+    cfg = make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=8", "train.steps=2",
+                   "train.eval_every=1", "train.eval_num_samples=0", "train.checkpoint_every=100")
+    assert loop.train(cfg, DistEnv(), FixedSource(x, y), reporter_for(cfg), progress=False).steps == 2
+    assert components.auto_eval_num_samples(8) == 500 and components.auto_eval_num_samples(32) == 64
+
+
+def test_metrics_parts_are_bounded_and_read_as_one_stream(tmp_path):
+    """Each checkpoint closes a metrics part, so no upload grows with the run; a resume drops the
+    records after its checkpoint."""
+    x, y = fixed_batch()
+    cfg = make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=8", "train.steps=8",
+                   "train.log_every=1", "train.checkpoint_every=3")
+    loop.train(cfg, DistEnv(), FixedSource(x, y), reporter_for(cfg), progress=False)
+    layout = RunLayout.for_run(cfg.run)
+    assert [first for first, _ in layout.metrics_parts()] == [1, 4, 7]
+    assert [r["step"] for r in layout.read_metrics()] == list(range(1, 9))
+    layout.truncate_metrics(5)
+    assert [r["step"] for r in layout.read_metrics()] == [1, 2, 3, 4, 5]
+    assert [first for first, _ in layout.metrics_parts()] == [1, 4]

@@ -75,12 +75,12 @@ def test_failures_before_training(s3_endpoint, s3_bucket, tmp_path, capsys, monk
 def test_checkpoint_of_another_model_size_is_refused(tmp_path, capsys):
     from speed.config import load_config
     from speed.train.checkpoint import TrainState
-    from speed.train.export import describe
+    from speed.models import describe
 
     cfg = load_config(None, [*TINY, f"run.output_uri={tmp_path}", "run.name=sized"])
     ckpt = tmp_path / "sized" / "checkpoint_2026-01-01_00-00-00.000000"
     ckpt.mkdir(parents=True)
-    state = TrainState(step=2, description=json.loads(describe(cfg).to_json()))
+    state = TrainState(step=2, description=json.loads(describe(cfg.model, cfg.data, cfg.diffusion).to_json()))
     (ckpt / "state.json").write_text(state.to_json())
     assert train_job.main([*TINY, f"run.output_uri={tmp_path}", "run.name=sized", "model.name=DiT-T/2"]) == 2
     err = capsys.readouterr().err

@@ -14,7 +14,9 @@ import pytest
 from ray.tune import Callback
 
 from ray_jobs import tune as tune_job
+from ray_jobs.resources import ClusterCapacity
 from speed.config import load_config
+from speed.train.run_layout import RunLayout
 
 ABLATION = "configs/ablations/digits_quick.yaml"
 TINY = [
@@ -91,7 +93,7 @@ def test_interrupted_experiment_continues_and_completes(restored_experiment, cap
     finished = json.loads((runs / done_first[0] / "tune_trial.json").read_text())
     assert finished["attempts"] == 1  # not trained again after the restore
     for name in ("t000-uniform-seed0", "t001-speed-seed0"):
-        records = [json.loads(l) for l in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        records = RunLayout(str(runs / name)).read_metrics()
         assert records[-1]["step"] == 4
         assert any("digits_fid" in r for r in records)  # evaluated inside the trial
         assert (runs / name / "export" / "ema.safetensors").is_file()
@@ -143,8 +145,12 @@ def test_metric_and_scheduler_settings():
     scheduler = tune_job._scheduler(cfg)
     assert scheduler._time_attr == "step" and scheduler._max_t == 4
     assert scheduler._brackets[0]._rungs[-1][0] == 2  # grace: at least one evaluation (every 2 steps)
+    two_cpus = ClusterCapacity(total_cpus=2.0, node_cpus=[2.0], total_gpus=0.0)
     assert tune_job.max_concurrent(load_config(ABLATION, [*TINY, "tune.max_concurrent_trials=8"], phase="tune"),
-                                   {"CPU": 2.0}) == 4  # 0.5 CPU per trial
+                                   two_cpus) == 4  # 0.5 CPU per trial
+    # auto: each trial's workers are given the whole cluster, so trials run one at a time.
+    assert tune_job.max_concurrent(load_config(ABLATION, [*TINY, "tune.max_concurrent_trials=8",
+                                                          "ray.cpus_per_worker=auto"], phase="tune"), two_cpus) == 1
     with pytest.raises(Exception, match="eval.feature_extractor=digits"):
         tune_job.check_metric(load_config(ABLATION, [*TINY, "eval.feature_extractor=inception"], phase="tune"))
     with pytest.raises(Exception, match="multiple of train.log_every"):

@@ -1,4 +1,5 @@
-"""Typed configuration: schema dataclasses, the one loader, and value validation."""
+"""Typed configuration: schema dataclasses (each field with its allowed values), the one loader, and
+the validation walk."""
 
 from speed.config.load import (
     DEFAULT_CONFIG,
@@ -7,10 +8,8 @@ from speed.config.load import (
     config_from_dict,
     load_config,
     to_dict,
-    to_yaml,
 )
-from speed.config.schema import Config, ConfigError
-from speed.config.validate import num_workers_range
+from speed.config.schema import Config, ConfigError, num_workers_range
 
 __all__ = [
     "Config",
@@ -22,5 +21,4 @@ __all__ = [
     "load_config",
     "num_workers_range",
     "to_dict",
-    "to_yaml",
 ]

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from speed.config.schema import Config, ConfigError
+from speed.config.validate import dotted_keys, validate_config
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = "configs/digits/speed.yaml"
@@ -94,19 +95,8 @@ def _file_chain(path: Path, seen: Optional[set] = None) -> List[DictConfig]:
     return chain
 
 
-def _dotted_keys(obj: Any, prefix: str = "") -> List[str]:
-    keys = []
-    for f in dataclasses.fields(obj):
-        full = f"{prefix}{f.name}"
-        keys.append(full)
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            keys.extend(_dotted_keys(value, full + "."))
-    return keys
-
-
 def _close_matches(key: str) -> str:
-    matches = difflib.get_close_matches(key, _dotted_keys(Config()), n=3, cutoff=0.6)
+    matches = difflib.get_close_matches(key, dotted_keys(Config()), n=3, cutoff=0.6)
     return f"; did you mean {', '.join(matches)}?" if matches else ""
 
 
@@ -136,8 +126,6 @@ def load_config(
     phase: Optional[str] = None,
 ) -> Config:
     """Load, merge and validate a configuration; raise ConfigError naming the bad key."""
-    from speed.config.validate import validate_config
-
     config_path = resolve_config_path(path or DEFAULT_CONFIG)
     schema = OmegaConf.structured(Config)
     merged = OmegaConf.create({})
@@ -166,8 +154,6 @@ def load_config(
 
 def config_from_dict(data: Dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict`` output (e.g. the resolved config stored in a checkpoint)."""
-    from speed.config.validate import validate_config
-
     try:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
     except OmegaConfBaseException as exc:
@@ -178,8 +164,6 @@ def config_from_dict(data: Dict[str, Any]) -> Config:
 
 def apply_overrides(config: Config, overrides: Dict[str, Any] | Sequence[str]) -> Config:
     """Return a copy of ``config`` with dotted-key overrides (a dict or key=value strings) applied."""
-    from speed.config.validate import validate_config
-
     if isinstance(overrides, dict):
         node = OmegaConf.create({})
         for key, value in overrides.items():
@@ -211,9 +195,5 @@ def to_dict(config: Any, redact: bool = True) -> Dict[str, Any]:
     return scrub(data)
 
 
-def to_yaml(config: Any, redact: bool = True) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(to_dict(config, redact=redact)))
-
-
 def all_keys() -> List[str]:
-    return _dotted_keys(Config())
+    return dotted_keys(Config())

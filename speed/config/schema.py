@@ -1,37 +1,163 @@
-"""Typed configuration: one dataclass per section.
+"""Typed configuration: one dataclass per section, each field with its allowed values.
 
 Every component receives only its own section (``parallelize(model, parallel=cfg.parallel, ...)``).
 OmegaConf merges YAML and ``key=value`` overrides onto these dataclasses (see ``load.py``), which
-rejects unknown keys and wrong types; ``validate_config`` then checks values and names the full
-dotted key in every message.
+rejects unknown keys and wrong types. A field's allowed values sit on the field itself, as
+``dataclasses.field`` metadata made by the helpers below (``choice``, ``bounded``, ``positive``,
+``non_negative``, ``checked``); ``validate.validate_config`` walks the tree, checks that metadata
+and names the full dotted key, then runs the few checks that span several fields.
+
+This module imports nothing from the rest of ``speed``: the diffusion code imports it, not the
+other way round.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the dotted key and how to fix it."""
 
 
+# ----------------------------------------------------------------------------- field helpers
+#
+# Metadata keys the validator understands (a field may combine them):
+#   choices        tuple: the allowed values
+#   min, max       numeric bounds, inclusive unless min_exclusive / max_exclusive is True;
+#                  with choices as well, a value passes if it is one of the choices OR a number
+#                  within the bounds (e.g. "auto" or a number > 0)
+#   hint           text appended to the error message in parentheses
+#   check          callable(key, value) that raises ConfigError (for rules no bound expresses)
+# None passes every check: it is the "unset" of an Optional field (OmegaConf refuses None elsewhere).
+
+_FIRST = object()
+
+
+def choice(*values: Any, default: Any = _FIRST, hint: Optional[str] = None) -> Any:
+    """A field that must be one of ``values``; the default is the first value unless given."""
+    return field(default=values[0] if default is _FIRST else default, metadata=_meta(choices=values, hint=hint))
+
+
+def bounded(
+    default: Any,
+    min: Optional[float] = None,
+    max: Optional[float] = None,
+    *,
+    min_exclusive: bool = False,
+    max_exclusive: bool = False,
+    also: Tuple[Any, ...] = (),
+    hint: Optional[str] = None,
+) -> Any:
+    """A number within [min, max] (either end optional or exclusive), or one of ``also``."""
+    return field(
+        default=default,
+        metadata=_meta(
+            min=min, max=max, min_exclusive=min_exclusive, max_exclusive=max_exclusive, choices=also or None, hint=hint
+        ),
+    )
+
+
+def positive(default: Any, *, also: Tuple[Any, ...] = (), hint: Optional[str] = None) -> Any:
+    """A number > 0 (or one of ``also``)."""
+    return bounded(default, min=0, min_exclusive=True, also=also, hint=hint)
+
+
+def non_negative(default: Any, *, also: Tuple[Any, ...] = (), hint: Optional[str] = None) -> Any:
+    """A number >= 0 (or one of ``also``)."""
+    return bounded(default, min=0, also=also, hint=hint)
+
+
+def checked(default: Any, check: Callable[[str, Any], None]) -> Any:
+    """A field checked by ``check(dotted_key, value)``, which raises ConfigError."""
+    return field(default=default, metadata={"check": check})
+
+
+def _meta(**items: Any) -> Dict[str, Any]:
+    return {k: v for k, v in items.items() if v is not None and v is not False}
+
+
+# ----------------------------------------------------------------------------- custom field checks
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _check_run_name(key: str, value: str) -> None:
+    if not _RUN_NAME.match(value):
+        raise ConfigError(
+            f"{key}={value!r} is not valid; use letters, digits, '.', '_' and '-' (it becomes a folder name)"
+        )
+
+
+def _check_not_empty(key: str, value: str) -> None:
+    if not value:
+        raise ConfigError(f"{key} is empty; give a local folder or s3://bucket/prefix")
+
+
+def _check_model_preset(key: str, value: str) -> None:
+    from speed.models import DIT_PRESETS  # torch + timm: only when a config is validated
+
+    if value not in DIT_PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(value, list(DIT_PRESETS), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not a known preset{hint}; valid: {', '.join(DIT_PRESETS)}")
+
+
+def _check_http_url(key: str, value: str) -> None:
+    if value and not re.match(r"^https?://", value):
+        raise ConfigError(f"{key}={value!r} must start with http:// or https:// (e.g. http://minio.local:9000)")
+
+
+def parse_num_workers(value: Any, key: str = "ray.num_workers") -> Tuple[int, int]:
+    """An int n as (n, n), or [min, max] for elastic training; ConfigError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        low, high = value
+    else:
+        raise ConfigError(
+            f"{key}={value!r} is not valid; give an int (e.g. 8) or [min, max] for elastic training (e.g. [4, 8])"
+        )
+    if low < 1 or high < low:
+        raise ConfigError(f"{key}={value!r} is not valid; need 1 <= min <= max")
+    return low, high
+
+
+def num_workers_range(ray: RayConfig) -> Tuple[int, int]:
+    """``ray.num_workers`` as (min, max); an int n gives (n, n)."""
+    return parse_num_workers(ray.num_workers)
+
+
+def _check_num_workers(key: str, value: Any) -> None:
+    parse_num_workers(value, key)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
 @dataclass
 class RunConfig:
-    name: str = "digits-speed"
+    name: str = checked("digits-speed", _check_run_name)
     # Where runs live: a local folder or s3://bucket/prefix. A run's files go to <output_uri>/<name>.
-    output_uri: str = "outputs"
+    output_uri: str = checked("outputs", _check_not_empty)
     seed: int = 0
 
 
 @dataclass
 class ModelConfig:
     # A preset from speed.models.DIT_PRESETS, e.g. DiT-XL/2, DiT-T/2.
-    name: str = "DiT-T/2"
-    num_classes: int = 10
+    name: str = checked("DiT-T/2", _check_model_preset)
+    num_classes: int = positive(10)
     learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
+    class_dropout_prob: float = bounded(0.1, 0, 1, max_exclusive=True)
     # Optional preset overrides (None keeps the preset's value).
     depth: Optional[int] = None
     hidden_size: Optional[int] = None
@@ -39,45 +165,56 @@ class ModelConfig:
     mlp_ratio: Optional[float] = None
 
 
+# Timestep strategies, in the order the registry in speed.diffusion.timesteps lists them (it checks
+# that it matches). Each strategy with parameters has a section of the same name in TimestepsConfig;
+# these sections hold the only defaults of those parameters.
+TIMESTEP_STRATEGIES: Tuple[str, ...] = (
+    "uniform",
+    "speed",
+    "speed_v1",
+    "p2",
+    "min_snr",
+    "logit_normal",
+    "lognormal",
+    "loss_aware",
+)
+
+
 @dataclass
 class SpeedParams:
-    k: float = 5.0  # sampling weight of the acceleration area (t < tau) relative to 1
-    tau: int = 700  # start of the convergence area
-    lam: float = 0.6  # change-aware weighting strength
-
-
-@dataclass
-class SpeedV1Params:
-    pass
+    k: float = positive(5.0)  # sampling weight of the acceleration area (t < tau) relative to 1
+    tau: int = positive(700)  # start of the convergence area; at most diffusion.num_timesteps
+    # change-aware weighting strength: weights (1 - lam) + (2 lam - 1) * change for t < tau
+    lam: float = bounded(0.6, 0, 1, min_exclusive=True, hint="outside it some loss weights are <= 0")
 
 
 @dataclass
 class P2Params:
-    k: float = 1.0
+    k: float = non_negative(1.0)
     gamma: float = 1.0
 
 
 @dataclass
 class MinSNRParams:
-    gamma: float = 5.0
+    gamma: float = positive(5.0)
 
 
 @dataclass
 class LogitNormalParams:
     m: float = 0.0
-    s: float = 1.0
+    s: float = positive(1.0)
 
 
 @dataclass
 class LogNormalParams:
     p_mean: float = -1.2
-    p_std: float = 1.2
+    p_std: float = positive(1.2)
 
 
 @dataclass
 class LossAwareParams:
-    history: int = 10
-    uniform_prob: float = 0.001
+    history: int = bounded(10, 1)  # losses kept per step
+    uniform_prob: float = bounded(0.001, 0, 1, min_exclusive=True)
 
 
 @dataclass
@@ -86,96 +223,98 @@ class TimestepsConfig:
     # override either one (e.g. SpeeD sampling with Min-SNR weights). The weighting strategy's
     # weights multiply what that strategy weights: the MSE term, or the whole loss for loss_aware
     # (whose importance weights assume its own sampling, so it cannot weight another sampler).
-    name: str = "speed"
-    sampling: Optional[str] = None
-    weighting: Optional[str] = None
+    name: str = choice(*TIMESTEP_STRATEGIES, default="speed")
+    sampling: Optional[str] = choice(*TIMESTEP_STRATEGIES, default=None)
+    weighting: Optional[str] = choice(*TIMESTEP_STRATEGIES, default=None)
     # Also weight the VLB term with the (non-importance) weights.
     weight_vb: bool = False
+    # Parameters of the strategies that have any (uniform and speed_v1 have none).
     speed: SpeedParams = field(default_factory=SpeedParams)
-    speed_v1: SpeedV1Params = field(default_factory=SpeedV1Params)
     p2: P2Params = field(default_factory=P2Params)
     min_snr: MinSNRParams = field(default_factory=MinSNRParams)
     logit_normal: LogitNormalParams = field(default_factory=LogitNormalParams)
     lognormal: LogNormalParams = field(default_factory=LogNormalParams)
     loss_aware: LossAwareParams = field(default_factory=LossAwareParams)
 
-    def strategy_params(self, strategy: str) -> Dict[str, Any]:
-        return dataclasses.asdict(getattr(self, strategy))
-
 
 @dataclass
 class DiffusionConfig:
-    num_timesteps: int = 1000
-    schedule: str = "linear"  # linear | cosine
+    num_timesteps: int = positive(1000)
+    schedule: str = choice("linear", "cosine")
     timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)
 
 
 @dataclass
 class DataConfig:
     # digits: the embedded scikit-learn digits (uri ignored); imagefolder | parquet | latents read uri.
-    format: str = "digits"
+    format: str = choice("digits", "imagefolder", "parquet", "latents")
     uri: str = ""
-    resolution: int = 8
-    channels: int = 1  # 1 or 3 for pixels; latents carry their own channel count (4 for SD-VAE)
-    on_error: str = "skip"  # skip | raise
+    resolution: int = positive(8)  # a multiple of 8 for latents
+    # 1 or 3 for pixels; latents carry their own channel count (4 for SD-VAE)
+    channels: int = choice(1, 3, 4)
+    on_error: str = choice("skip", "raise")
     random_flip: bool = True
     class_index_uri: Optional[str] = None  # JSON {wnid: label}; default: sorted class folders
     image_column: str = "image"
     label_column: str = "label"
-    latent_scale: float = 0.18215
-    shuffle_buffer: int = 256  # local shuffle buffer (rows) for streamed formats
+    latent_scale: float = positive(0.18215)
+    shuffle_buffer: int = non_negative(256)  # local shuffle buffer (rows) for streamed formats
     prefetch_batches: int = 2
     max_logged_errors: int = 5  # bad files logged in full; after that only counted
-    read_cpus: float = 0.25  # CPUs per Ray Data read/decode task
+    read_cpus: float = positive(0.25)  # CPUs per Ray Data read/decode task
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
+    lr: float = positive(1e-4)
+    weight_decay: float = non_negative(0.0)
+    beta1: float = bounded(0.9, 0, 1, max_exclusive=True)
+    beta2: float = bounded(0.999, 0, 1, max_exclusive=True)
     eps: float = 1e-8
-    warmup_steps: int = 0
-    grad_clip: float = 0.0  # 0 disables clipping
-    implementation: str = "auto"  # auto | fused | foreach
+    warmup_steps: int = non_negative(0)
+    grad_clip: float = non_negative(0.0, hint="0 disables clipping")
+    implementation: str = choice("auto", "fused", "foreach")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1200
-    global_batch_size: int = 64
+    steps: int = positive(1000)
+    global_batch_size: int = positive(64)
     # Largest per-worker micro-batch; gradient accumulation covers the rest of the global batch.
-    micro_batch_size: int = 64
-    log_every: int = 50
-    checkpoint_every: int = 400
-    sample_every: int = 0  # 0: only at the end
-    eval_every: int = 0  # 0: only at the end
-    eval_num_samples: int = 500
-    ema_decay: float = 0.9999
+    micro_batch_size: int = positive(64)
+    # Schedules, in steps. A value above train.steps means "only at the end".
+    log_every: int = bounded(50, 1)
+    checkpoint_every: int = bounded(400, 1)
+    sample_every: int = non_negative(0, hint="0: only at the end")
+    eval_every: int = non_negative(0, hint="0: only at the end")
+    # Generated samples per evaluation. None: automatic, scaled to data.resolution; 0 turns the
+    # evaluation off.
+    eval_num_samples: Optional[int] = non_negative(None, hint="0 turns the evaluation off")
+    ema_decay: float = bounded(0.9999, 0, 1, min_exclusive=True, max_exclusive=True, hint="e.g. 0.9999")
     ema_warmup: bool = True
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = positive(2)
     resume_from: Optional[str] = None  # a DCP checkpoint directory of this run's storage
     init_from: Optional[str] = None  # safetensors weights (weights only)
-    on_nonfinite: str = "raise"  # raise | skip
+    on_nonfinite: str = choice("raise", "skip")
     async_checkpoint: bool = False
 
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "fsdp"  # fsdp | ddp | none
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    strategy: str = choice("fsdp", "ddp", "none")
+    # auto: bf16 on GPU, fp32 on CPU
+    mixed_precision: str = choice("auto", "bf16", "fp32")
     activation_checkpointing: bool = False
     compile: bool = False
 
 
 @dataclass
 class SamplingConfig:
-    sampler: str = "ddpm"  # ddpm | ddim
-    steps: int = 250
-    guidance_scale: float = 1.0
-    guidance_channels: str = "all"  # all | first3 (DiT's published behaviour)
-    eta: float = 0.0
+    sampler: str = choice("ddpm", "ddim")
+    steps: int = 250  # 1 .. diffusion.num_timesteps
+    guidance_scale: float = non_negative(1.0)
+    guidance_channels: str = choice("all", "first3")  # first3: DiT's published behaviour
+    eta: float = non_negative(0.0)
     clip_denoised: bool = True
 
 
@@ -183,12 +322,12 @@ class SamplingConfig:
 class InferenceConfig:
     checkpoint_uri: Optional[str] = None
     output_uri: Optional[str] = None
-    num_samples: int = 50000
-    batch_size: int = 64
-    num_actors: int = 1
-    num_gpus_per_actor: float = 0.0
+    num_samples: int = positive(50000)
+    batch_size: int = positive(64)
+    num_actors: int = positive(1)
+    num_gpus_per_actor: float = non_negative(0.0)
     num_cpus_per_actor: float = 1.0
-    labels: str = "balanced"  # balanced | random
+    labels: str = choice("balanced", "random")
     seed: int = 0
 
 
@@ -196,8 +335,8 @@ class InferenceConfig:
 class SampleConfig:
     checkpoint_uri: Optional[str] = None
     output_uri: Optional[str] = None  # a .png path or URI
-    classes: List[int] = field(default_factory=lambda: list(range(10)))
-    per_class: int = 4
+    classes: List[int] = field(default_factory=lambda: list(range(10)))  # each in [0, model.num_classes)
+    per_class: int = positive(4)
     seed: int = 0
 
 
@@ -205,48 +344,49 @@ class SampleConfig:
 class EvalConfig:
     samples_uri: Optional[str] = None
     reference_uri: Optional[str] = None
-    feature_extractor: str = "digits"  # digits | inception
+    feature_extractor: str = choice("digits", "inception")
     inception_weights: Optional[str] = None
     classifier_uri: Optional[str] = None  # digits classifier cache; default under run.output_uri
-    batch_size: int = 250
-    num_actors: int = 1
+    batch_size: int = positive(250)
+    num_actors: int = positive(1)
     num_gpus_per_actor: float = 0.0
-    pr_k: int = 3
+    pr_k: int = positive(3)
 
 
 @dataclass
 class PrepareConfig:
-    task: str = "digits"  # digits | encode
+    task: str = choice("digits", "encode")
     output_uri: Optional[str] = None
-    format: str = "imagefolder"  # imagefolder | parquet (digits task)
-    image_size: int = 32
-    channels: int = 3
-    num_shards: int = 4
+    format: str = choice("imagefolder", "parquet")  # digits task
+    image_size: int = positive(32)
+    channels: int = choice(1, 3, default=3)
+    num_shards: int = positive(4)
     source_uri: Optional[str] = None  # encode task: the imagefolder/parquet dataset to encode
-    source_format: str = "imagefolder"
+    source_format: str = choice("imagefolder", "parquet")
     resolution: int = 256
     batch_size: int = 32
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
-    rows_per_shard: int = 1024
+    rows_per_shard: int = positive(1024)
 
 
 @dataclass
 class VAEConfig:
     path: Optional[str] = None  # folder or URI of a diffusers AutoencoderKL (e.g. sd-vae-ft-ema)
     scale_factor: float = 0.18215
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    dtype: str = choice("fp32", "bf16", "fp16")
 
 
 @dataclass
 class RayConfig:
     # int, or [min, max] for elastic training
-    num_workers: Any = 1
+    num_workers: Any = checked(1, _check_num_workers)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 0
+    # CPUs each Train worker reserves: a number > 0, or "auto" (the training job decides).
+    cpus_per_worker: Any = positive("auto", also=("auto",))
+    max_failures: int = non_negative(0, also=(-1,), hint="-1: retry forever")
     # elastic runs only: how often a running worker group checks whether more workers now fit
-    resize_interval_s: float = 60.0
+    resize_interval_s: float = positive(60.0, hint="seconds between resize checks")
     address: Optional[str] = None  # default: RAY_ADDRESS, else a local Ray
     num_cpus: Optional[int] = None  # local Ray only; default: all CPUs
     worker_timeout_s: int = 600
@@ -255,7 +395,7 @@ class RayConfig:
 @dataclass
 class StorageConfig:
     # Settings for s3:// URIs; each falls back to the standard AWS environment variable.
-    endpoint_url: Optional[str] = None  # AWS_ENDPOINT_URL
+    endpoint_url: Optional[str] = checked(None, _check_http_url)  # AWS_ENDPOINT_URL
     region: Optional[str] = None  # AWS_DEFAULT_REGION
     path_style: bool = False  # path-style addressing (MinIO, Ceph)
     access_key_id: Optional[str] = None  # AWS_ACCESS_KEY_ID
@@ -268,14 +408,14 @@ class TuneConfig:
     name: Optional[str] = None  # experiment name; default: the ablation file's stem
     output_uri: Optional[str] = None  # default: run.output_uri
     # Dotted config key -> list of values (grid) or {"grid": [...]} / {"choice": [...]} /
-    # {"uniform": [lo, hi]} / {"loguniform": [lo, hi]}.
+    # {"uniform": [lo, hi]} / {"loguniform": [lo, hi]}. Every key must exist in this schema.
     search_space: Dict[str, Any] = field(default_factory=dict)
     metric: str = "digits_fid"
-    mode: str = "min"
-    num_samples: int = 1
-    scheduler: str = "none"  # none | asha
+    mode: str = choice("min", "max")
+    num_samples: int = positive(1)
+    scheduler: str = choice("none", "asha")
     grace_period: int = 1
-    max_concurrent_trials: int = 1
+    max_concurrent_trials: int = positive(1)
 
 
 @dataclass

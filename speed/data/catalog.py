@@ -30,7 +30,7 @@ from speed.data.latents import (
     check_latent_meta,
     expected_shard_names,
 )
-from speed.data.seeding import epoch_permutation
+from speed.seeding import epoch_permutation
 
 log = logging.getLogger("speed.data")
 

@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where used, so the constants here come without it
     import torch
 
-from speed.data.seeding import epoch_permutation
+from speed.seeding import epoch_permutation
 
 DIGITS_NUM_IMAGES = 1797
 DIGITS_NUM_CLASSES = 10

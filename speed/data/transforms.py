@@ -23,7 +23,7 @@ from PIL import Image
 if TYPE_CHECKING:
     import torch
 
-from speed.data.seeding import hash_flip_mask
+from speed.seeding import hash_flip_mask
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

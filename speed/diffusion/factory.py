@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from speed.config.schema import DiffusionConfig
 from speed.diffusion.gaussian import get_beta_schedule
 from speed.diffusion.respace import create_diffusion
@@ -14,10 +12,8 @@ def build_strategy_from_config(diffusion: DiffusionConfig) -> TimestepStrategy:
     """The strategy ``diffusion.timesteps`` describes, over the configured beta schedule."""
     timesteps = diffusion.timesteps
     betas = get_beta_schedule(diffusion.schedule, diffusion.num_timesteps)
-    # Every strategy with parameters has a sub-section of the same name (uniform has none).
-    params = {
-        name: dataclasses.asdict(getattr(timesteps, name)) for name in TIMESTEP_STRATEGIES if hasattr(timesteps, name)
-    }
+    # Every strategy with parameters has a section of the same name (uniform and speed_v1 have none).
+    params = {name: getattr(timesteps, name) for name in TIMESTEP_STRATEGIES if hasattr(timesteps, name)}
     return build_timestep_strategy(
         timesteps.name, betas, sampling=timesteps.sampling, weighting=timesteps.weighting, params=params
     )

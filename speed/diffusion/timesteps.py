@@ -8,14 +8,28 @@ Every strategy exposes
   update(t, losses), state_dict(), load_state_dict(state).
 
 Build one with ``build_timestep_strategy`` (see its docstring for composition and parameters).
+A strategy's parameters are its dataclass in ``speed.config.schema`` (``SpeedParams``, ...), which
+holds their only defaults and allowed ranges; the strategy names are ``schema.TIMESTEP_STRATEGIES``.
 T = len(betas), abar_t = prod_{s<=t} (1 - beta_s), SNR_t = abar_t / (1 - abar_t).
 """
 
-import math
+import dataclasses
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+
+from speed.config.schema import (
+    TIMESTEP_STRATEGIES,
+    LogitNormalParams,
+    LogNormalParams,
+    LossAwareParams,
+    MinSNRParams,
+    P2Params,
+    SpeedParams,
+    TimestepsConfig,
+)
+from speed.config.validate import check_fields
 
 
 def _alphas_cumprod(betas) -> np.ndarray:
@@ -51,10 +65,15 @@ def _check_positive_weights(name: str, weights: np.ndarray, params: Dict[str, An
 
 
 class TimestepStrategy:
-    """Base class: fixed pmf and weights, i.i.d. sampling. Subclasses set pmf and weights."""
+    """Base class: fixed pmf and weights, i.i.d. sampling. Subclasses set pmf and weights.
+
+    A subclass with parameters sets ``params_type`` (its schema dataclass) and takes an instance of
+    it as ``__init__(betas, params)``; one without takes only ``betas``.
+    """
 
     name = "base"
     weights_apply_to = "mse"
+    params_type: Optional[type] = None
 
     def __init__(self, pmf: torch.Tensor, weights: torch.Tensor):
         self.pmf = pmf.to(torch.float64)  # [T]
@@ -83,7 +102,6 @@ class TimestepStrategy:
 
 class UniformStrategy(TimestepStrategy):
     name = "uniform"
-    defaults: Dict[str, Any] = {}
 
     def __init__(self, betas):
         num_timesteps = len(_alphas_cumprod(betas))
@@ -134,22 +152,21 @@ class SpeedStrategy(_DualReflectionStrategy):
     """
 
     name = "speed"
-    defaults = {"k": 5.0, "tau": 700, "lam": 0.6}
+    params_type = SpeedParams
 
-    def __init__(self, betas, k: float = 5.0, tau: int = 700, lam: float = 0.6):
+    def __init__(self, betas, params: SpeedParams):
+        k, tau, lam = params.k, params.tau, params.lam
         alphas_cumprod = _alphas_cumprod(betas)
         num_timesteps = len(alphas_cumprod)
         if not (isinstance(tau, (int, np.integer)) or float(tau).is_integer()) or not 0 < tau <= num_timesteps:
             raise ValueError(f"speed: tau must be an integer in (0, {num_timesteps}], got {tau!r}")
         tau = int(tau)
-        if not k > 0:
-            raise ValueError(f"speed: k must be > 0, got {k!r}")
         steps = np.arange(num_timesteps)
         base = np.where(steps < tau, float(k), 1.0)
         change = np.gradient(1.0 - alphas_cumprod)
         change = (change - change.min()) / (change.max() - change.min())
         weights = np.where(steps < tau, (1.0 - lam) + (2.0 * lam - 1.0) * change, 1.0)
-        _check_positive_weights(self.name, weights, {"k": k, "tau": tau, "lam": lam})
+        _check_positive_weights(self.name, weights, dataclasses.asdict(params))
         center = meaningful_steps(alphas_cumprod)
         super().__init__(_normalize(base), center, torch.from_numpy(weights))
 
@@ -158,7 +175,6 @@ class SpeedV1Strategy(_DualReflectionStrategy):
     """SpeeD (first release): base pmf tanh(1e6 (g - 1e-4)) + 1.5, dual reflection, P2 weights."""
 
     name = "speed_v1"
-    defaults: Dict[str, Any] = {}
 
     def __init__(self, betas):
         alphas_cumprod = _alphas_cumprod(betas)
@@ -173,14 +189,12 @@ class P2Strategy(TimestepStrategy):
     """P2 weighting (Choi et al.): w = 1 / (k + SNR)^gamma, uniform sampling."""
 
     name = "p2"
-    defaults = {"k": 1.0, "gamma": 1.0}
+    params_type = P2Params
 
-    def __init__(self, betas, k: float = 1.0, gamma: float = 1.0):
+    def __init__(self, betas, params: P2Params):
         alphas_cumprod = _alphas_cumprod(betas)
-        if not k >= 0:
-            raise ValueError(f"p2: k must be >= 0, got {k!r}")
-        weights = 1.0 / (k + _snr(alphas_cumprod)) ** gamma
-        _check_positive_weights(self.name, weights, {"k": k, "gamma": gamma})
+        weights = 1.0 / (params.k + _snr(alphas_cumprod)) ** params.gamma
+        _check_positive_weights(self.name, weights, dataclasses.asdict(params))
         num_timesteps = len(alphas_cumprod)
         super().__init__(_uniform(num_timesteps), torch.from_numpy(weights))
 
@@ -189,14 +203,12 @@ class MinSNRStrategy(TimestepStrategy):
     """Min-SNR-gamma (Hang et al.), epsilon-prediction form: w = min(SNR, gamma) / SNR."""
 
     name = "min_snr"
-    defaults = {"gamma": 5.0}
+    params_type = MinSNRParams
 
-    def __init__(self, betas, gamma: float = 5.0):
-        if not gamma > 0:
-            raise ValueError(f"min_snr: gamma must be > 0, got {gamma!r}")
+    def __init__(self, betas, params: MinSNRParams):
         alphas_cumprod = _alphas_cumprod(betas)
         snr = _snr(alphas_cumprod)
-        weights = np.minimum(snr, gamma) / snr
+        weights = np.minimum(snr, params.gamma) / snr
         num_timesteps = len(alphas_cumprod)
         super().__init__(_uniform(num_timesteps), torch.from_numpy(weights))
 
@@ -205,11 +217,10 @@ class LogitNormalStrategy(TimestepStrategy):
     """SD3 logit-normal over u = t / T: step i gets P(i/T <= u < (i+1)/T). Weights 1."""
 
     name = "logit_normal"
-    defaults = {"m": 0.0, "s": 1.0}
+    params_type = LogitNormalParams
 
-    def __init__(self, betas, m: float = 0.0, s: float = 1.0):
-        if not s > 0:
-            raise ValueError(f"logit_normal: s must be > 0, got {s!r}")
+    def __init__(self, betas, params: LogitNormalParams):
+        m, s = params.m, params.s
         num_timesteps = len(_alphas_cumprod(betas))
         edges = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps  # [T+1] in [0, 1]
         with np.errstate(divide="ignore"):
@@ -226,11 +237,10 @@ class LogNormalStrategy(TimestepStrategy):
     """
 
     name = "lognormal"
-    defaults = {"p_mean": -1.2, "p_std": 1.2}
+    params_type = LogNormalParams
 
-    def __init__(self, betas, p_mean: float = -1.2, p_std: float = 1.2):
-        if not p_std > 0:
-            raise ValueError(f"lognormal: p_std must be > 0, got {p_std!r}")
+    def __init__(self, betas, params: LogNormalParams):
+        p_mean, p_std = params.p_mean, params.p_std
         alphas_cumprod = _alphas_cumprod(betas)
         log_sigma = 0.5 * np.log((1.0 - alphas_cumprod) / alphas_cumprod)  # [T], increasing
         midpoints = 0.5 * (log_sigma[1:] + log_sigma[:-1])
@@ -252,16 +262,14 @@ class LossAwareStrategy(TimestepStrategy):
 
     name = "loss_aware"
     weights_apply_to = "all"
-    defaults = {"history": 10, "uniform_prob": 0.001}
+    params_type = LossAwareParams
 
-    def __init__(self, betas, history: int = 10, uniform_prob: float = 0.001):
+    def __init__(self, betas, params: LossAwareParams):
         num_timesteps = len(_alphas_cumprod(betas))
-        if not (isinstance(history, (int, np.integer)) and history >= 1):
-            raise ValueError(f"loss_aware: history must be an integer >= 1, got {history!r}")
-        if not 0 < uniform_prob <= 1:
-            raise ValueError(f"loss_aware: uniform_prob must be in (0, 1], got {uniform_prob!r}")
-        self.history = int(history)
-        self.uniform_prob = float(uniform_prob)
+        if not isinstance(params.history, (int, np.integer)):
+            raise ValueError(f"loss_aware: history must be an integer, got {params.history!r}")
+        self.history = int(params.history)
+        self.uniform_prob = float(params.uniform_prob)
         self.loss_history = torch.zeros(num_timesteps, self.history, dtype=torch.float64)  # [T, H]
         self.loss_counts = torch.zeros(num_timesteps, dtype=torch.long)  # [T]
         super().__init__(_uniform(num_timesteps), torch.ones(num_timesteps))
@@ -359,7 +367,23 @@ _REGISTRY = {
         LossAwareStrategy,
     )
 }
-TIMESTEP_STRATEGIES: Tuple[str, ...] = tuple(_REGISTRY)
+
+
+def _check_registry_matches_schema() -> None:
+    """The schema lists the names and holds the parameter sections; the registry must agree."""
+    if tuple(_REGISTRY) != TIMESTEP_STRATEGIES:
+        raise AssertionError(f"registry {tuple(_REGISTRY)} != speed.config.schema.TIMESTEP_STRATEGIES")
+    sections = {
+        f.name: f.default_factory
+        for f in dataclasses.fields(TimestepsConfig)
+        if f.default_factory is not dataclasses.MISSING
+    }
+    expected = {name: cls.params_type for name, cls in _REGISTRY.items() if cls.params_type is not None}
+    if sections != expected:
+        raise AssertionError(f"TimestepsConfig parameter sections {sections} != the registry's {expected}")
+
+
+_check_registry_matches_schema()
 
 
 def _check_name(role: str, name: str) -> None:
@@ -367,11 +391,29 @@ def _check_name(role: str, name: str) -> None:
         raise ValueError(f"{role} must be one of {TIMESTEP_STRATEGIES}, got {name!r}")
 
 
-def _check_params(name: str, params: Mapping[str, Any]) -> None:
-    valid = tuple(_REGISTRY[name].defaults)
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ValueError(f"{name}: unknown parameter(s) {unknown}; valid parameters: {valid or 'none'}")
+def _make_params(name: str, given: Any) -> Any:
+    """The params dataclass instance for strategy ``name`` (None if it has no parameters).
+
+    ``given`` is such an instance, or a mapping of some of its fields (the rest take the
+    dataclass's defaults); values are checked against the fields' allowed ranges.
+    """
+    params_type = _REGISTRY[name].params_type
+    if dataclasses.is_dataclass(given) and not isinstance(given, type):
+        if params_type is None or not isinstance(given, params_type):
+            expected = params_type.__name__ if params_type else "no parameters"
+            raise ValueError(f"{name}: parameters must be {expected}, got {type(given).__name__}")
+        params = given
+    else:
+        given = dict(given or {})
+        valid = tuple(f.name for f in dataclasses.fields(params_type)) if params_type else ()
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise ValueError(f"{name}: unknown parameter(s) {unknown}; valid parameters: {valid or 'none'}")
+        if params_type is None:
+            return None
+        params = params_type(**given)
+    check_fields(params, prefix=f"{name}.")
+    return params
 
 
 def build_timestep_strategy(
@@ -379,7 +421,7 @@ def build_timestep_strategy(
     betas,
     sampling: Optional[str] = None,
     weighting: Optional[str] = None,
-    params: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    params: Optional[Mapping[str, Any]] = None,
     **kwargs: Any,
 ) -> TimestepStrategy:
     """Build a timestep strategy from the registry (names: TIMESTEP_STRATEGIES).
@@ -392,10 +434,12 @@ def build_timestep_strategy(
     weights on the MSE. loss_aware's importance weights only make sense with its own sampling, so
     it cannot be the weighting of a different sampler.
 
-    Parameters: ``params`` maps strategy name -> its keyword arguments, e.g.
+    Parameters: ``params`` maps strategy name -> its parameters, as the schema dataclass (e.g.
+    ``SpeedParams``) or a mapping of some of its fields, e.g.
     ``params={"speed": {"k": 5, "tau": 700}, "min_snr": {"gamma": 5}}``; entries for strategies not
     in use are checked but ignored, so a config can pass all of them. Flat ``**kwargs`` are a
-    shorthand for ``params[name]`` (giving both raises). Missing parameters take the defaults.
+    shorthand for ``params[name]`` (giving both raises). Missing parameters take the dataclass's
+    defaults.
     """
     _check_name("name", name)
     sampling = name if sampling is None else sampling
@@ -403,16 +447,14 @@ def build_timestep_strategy(
     _check_name("sampling", sampling)
     _check_name("weighting", weighting)
 
-    all_params: Dict[str, Dict[str, Any]] = {}
-    for key, value in (params or {}).items():
+    given: Dict[str, Any] = dict(params or {})
+    for key in given:
         _check_name("params key", key)
-        all_params[key] = dict(value or {})
     if kwargs:
-        if all_params.get(name):
+        if given.get(name):
             raise ValueError(f"give parameters for {name!r} either as keyword arguments or in params, not both")
-        all_params[name] = dict(kwargs)
-    for key, value in all_params.items():
-        _check_params(key, value)
+        given[name] = kwargs
+    all_params = {key: _make_params(key, value) for key, value in given.items()}
 
     if weighting == "loss_aware" and sampling != "loss_aware":
         raise ValueError(
@@ -421,7 +463,11 @@ def build_timestep_strategy(
         )
 
     def make(strategy_name: str) -> TimestepStrategy:
-        return _REGISTRY[strategy_name](betas, **all_params.get(strategy_name, {}))
+        cls = _REGISTRY[strategy_name]
+        if cls.params_type is None:
+            return cls(betas)
+        params = all_params.get(strategy_name)
+        return cls(betas, params if params is not None else _make_params(strategy_name, None))
 
     if sampling == weighting:
         return make(sampling)

@@ -7,7 +7,7 @@ from speed.evaluate.digits import (
     get_digits_classifier,
     train_digits_classifier,
 )
-from speed.evaluate.features import ExtractorSpec, FeatureWorker, extract_locally
+from speed.evaluate.features import ExtractorSpec, FeatureWorker
 from speed.evaluate.inception import (
     INCEPTION_SHA256_PREFIX,
     INCEPTION_WEIGHTS_FILE,
@@ -53,7 +53,6 @@ __all__ = [
     "class_accuracy",
     "default_classifier_uri",
     "digits_metrics",
-    "extract_locally",
     "feature_statistics",
     "frechet_distance",
     "get_digits_classifier",

@@ -183,10 +183,10 @@ def _from_bytes(blob: bytes) -> Optional[DigitsClassifier]:
     return model.eval().requires_grad_(False)
 
 
-def default_classifier_uri(cfg) -> str:
-    """Where a run's config keeps the classifier: eval.classifier_uri, else a cache under run.output_uri."""
-    return cfg.eval.classifier_uri or storage.join(
-        cfg.run.output_uri, "cache", f"digits-classifier-v{CLASSIFIER_VERSION}.safetensors"
+def default_classifier_uri(eval_cfg, output_uri: str) -> str:
+    """Where the classifier is kept: ``eval.classifier_uri``, else a cache under ``run.output_uri``."""
+    return eval_cfg.classifier_uri or storage.join(
+        output_uri, "cache", f"digits-classifier-v{CLASSIFIER_VERSION}.safetensors"
     )
 
 

@@ -79,10 +79,3 @@ class FeatureWorker:
             "features": np.concatenate(out["features"]),
             "logits": np.concatenate(out["logits"]),
         }
-
-
-def extract_locally(spec: ExtractorSpec, source, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
-    """All features and logits of a source in this process (small sets; tests)."""
-    worker = FeatureWorker(spec, {"set": source}, batch_size=batch_size)
-    parts = [worker({k: np.asarray([v]) for k, v in item.items()}) for item in source.items("set", batch_size)]
-    return np.concatenate([p["features"] for p in parts]), np.concatenate([p["logits"] for p in parts])

@@ -1,6 +1,16 @@
 """Diffusion transformer backbones."""
 
 from speed.models.dit import DiT
-from speed.models.registry import DIT_PRESETS, build_dit, count_parameters, list_presets
+from speed.models.registry import (
+    DIT_PRESETS,
+    ModelDescription,
+    build_dit,
+    build_model,
+    count_parameters,
+    describe,
+    list_presets,
+    model_geometry,
+)
 
-__all__ = ["DiT", "build_dit", "DIT_PRESETS", "list_presets", "count_parameters"]
+__all__ = ["DiT", "build_dit", "build_model", "describe", "model_geometry", "ModelDescription", "DIT_PRESETS",
+           "list_presets", "count_parameters"]

@@ -19,7 +19,8 @@ import torch
 
 from speed import storage
 from speed.config.schema import ModelConfig, StorageConfig
-from speed.train.export import ModelDescription, WeightsError, build_model, save_export
+from speed.models.registry import ModelDescription, build_model
+from speed.models.export import WeightsError, save_export
 
 # What DiT's published checkpoints were trained with (ImageNet, SD-VAE latents, 1000 linear steps).
 DIT_NUM_CLASSES = 1000

@@ -1,10 +1,18 @@
-"""Named DiT sizes ("DiT-XL/2" = XL backbone, 2x2 patches) and a validated builder."""
+"""Named DiT sizes ("DiT-XL/2" = XL backbone, 2x2 patches), the one place a DiT is built from
+config (``build_model``), and the model description that travels with weights."""
 
+from __future__ import annotations
+
+import dataclasses
 import difflib
-from typing import Any, Dict, List
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
 
+import torch
 import torch.nn as nn
 
+from speed.config.schema import DataConfig, DiffusionConfig, ModelConfig
 from speed.models.dit import DiT
 
 # Backbone sizes from the DiT paper (Table 1) plus small ones for CPU work: T(iny) for quick
@@ -80,3 +88,88 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     ``model.pos_embed.numel()`` to compare.
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --- the model of a config, and its description --------------------------------------------------
+
+
+@dataclass
+class ModelDescription:
+    """What is needed to rebuild and use a trained DiT; stored with every export and checkpoint."""
+
+    model: Dict[str, Any]  # the ModelConfig fields
+    input_size: int  # spatial size the DiT sees (pixels, or latent size = resolution / 8)
+    in_channels: int
+    data_format: str  # digits | imagefolder | parquet | latents
+    resolution: int  # image resolution
+    latent_scale: float
+    num_timesteps: int
+    schedule: str
+    step: int = 0
+
+    @property
+    def is_latent(self) -> bool:
+        return self.data_format == "latents"
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**self.model)
+
+    def build(self, device=None) -> nn.Module:
+        """A freshly initialised DiT of this description."""
+        return build_model(self.model_config(), self.input_size, self.in_channels, device=device)
+
+    def at_step(self, step: int) -> "ModelDescription":
+        return dataclasses.replace(self, step=step)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelDescription":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelDescription":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def model_geometry(data: DataConfig) -> Tuple[int, int]:
+    """(input_size, in_channels) of the DiT for a data section: latents are 8x smaller, 4 channels."""
+    if data.format == "latents":
+        return data.resolution // 8, 4
+    return data.resolution, data.channels
+
+
+def describe(model: ModelConfig, data: DataConfig, diffusion: DiffusionConfig, step: int = 0) -> ModelDescription:
+    input_size, in_channels = model_geometry(data)
+    return ModelDescription(
+        model=dataclasses.asdict(model),
+        input_size=input_size,
+        in_channels=in_channels,
+        data_format=data.format,
+        resolution=data.resolution,
+        latent_scale=data.latent_scale,
+        num_timesteps=diffusion.num_timesteps,
+        schedule=diffusion.schedule,
+        step=step,
+    )
+
+
+def build_model(model_cfg: ModelConfig, input_size: int, in_channels: int, device=None) -> nn.Module:
+    """The one place a DiT is built from config."""
+    overrides = {
+        k: getattr(model_cfg, k)
+        for k in ("depth", "hidden_size", "num_heads", "mlp_ratio")
+        if getattr(model_cfg, k) is not None
+    }
+    overrides["class_dropout_prob"] = model_cfg.class_dropout_prob
+    with torch.device(device or "cpu"):
+        return build_dit(
+            model_cfg.name,
+            input_size=input_size,
+            in_channels=in_channels,
+            num_classes=model_cfg.num_classes,
+            learn_sigma=model_cfg.learn_sigma,
+            **overrides,
+        )

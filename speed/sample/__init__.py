@@ -29,7 +29,14 @@ from speed.sample.shards import (
     shard_uri,
     write_samples_npz,
 )
-from speed.sample.weights import load_sampling_model, read_description, resolve_weights_uri
+from speed.sample.weights import (
+    WeightsSource,
+    job_weights,
+    load_sampling_model,
+    read_description,
+    resolve_weights,
+    resolve_weights_uri,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -41,6 +48,7 @@ __all__ = [
     "RESULT_NAME",
     "SHARDS_DIR",
     "ShardPlan",
+    "WeightsSource",
     "claim_output",
     "decode_shard",
     "encode_shard",
@@ -49,12 +57,14 @@ __all__ = [
     "generate_tensor",
     "grid_array",
     "guided_forward",
+    "job_weights",
     "load_sampling_model",
     "make_grid_png",
     "npz_keys",
     "pending_ranges",
     "read_description",
     "read_small_arrays",
+    "resolve_weights",
     "resolve_weights_uri",
     "sample_generators",
     "sample_labels",

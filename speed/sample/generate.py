@@ -7,7 +7,6 @@ the same indices give the same images with one actor or with many.
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterator, List, Optional, Sequence, Union
@@ -18,23 +17,19 @@ import torch
 from speed.config.schema import ConfigError, SamplingConfig
 from speed.diffusion import guided_model
 from speed.diffusion.factory import build_sampling_diffusion
+from speed.seeding import stream_seed
 from speed.train.export import ModelDescription
 
 IndexLike = Union[Sequence[int], np.ndarray, torch.Tensor]
 
 # Streams keep the label draw and the noise of one index independent of each other.
-NOISE_STREAM = "noise"
-LABEL_STREAM = "label"
+NOISE_STREAM = "sample-noise"
+LABEL_STREAM = "sample-label"
 
 
 def sample_seed(seed: int, index: int, stream: str = NOISE_STREAM) -> int:
-    """A 63-bit seed that is a pure function of (seed, index, stream).
-
-    Hashing (rather than e.g. seed * 2**32 + index) keeps streams of neighbouring indices and
-    seeds unrelated, and fits torch.Generator.manual_seed for any integer inputs.
-    """
-    digest = hashlib.sha256(f"speed/{stream}/{int(seed)}/{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    """A 63-bit seed that is a pure function of (seed, index, stream) (``speed.seeding``)."""
+    return stream_seed(seed, stream, int(index))
 
 
 def sample_generators(seed: int, indices: IndexLike) -> List[torch.Generator]:

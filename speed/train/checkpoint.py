@@ -14,22 +14,19 @@ are saved under rank-specific keys ("rng.rank<r>"), since DCP de-duplicates iden
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.stateful import Stateful
 
 from speed.train.distributed import DistEnv
+
+log = logging.getLogger("speed.train")
 
 STATE_FILE = "state.json"
 METADATA_FILE = ".metadata"
@@ -68,21 +65,9 @@ class TrainState:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-FAULT_ENV = "SPEED_FAULT_INJECT"
-
-
-def maybe_inject_fault(point: str, step: int) -> None:
-    """Test hook: ``SPEED_FAULT_INJECT=<point>:<step>:<marker file>`` kills this process at that
-    point once (the marker file records that it fired), e.g. between writing a checkpoint's shards
-    and its state.json, where a real crash's timing could not be reproduced."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    fault_point, fault_step, marker = spec.split(":", 2)
-    if fault_point != point or int(fault_step) != step or os.path.exists(marker):
-        return
-    Path(marker).write_text(f"{point} at step {step}\n")
-    os._exit(17)
+# Called between a checkpoint's shards and its state.json with the step: tests pass a hook that
+# crashes there, where a real crash's timing could not be reproduced.
+AfterShards = Callable[[int], None]
 
 
 def _rng_state(env: DistEnv) -> Dict[str, torch.Tensor]:
@@ -101,27 +86,18 @@ def assert_finite(module: torch.nn.Module, what: str) -> None:
 
 def save_checkpoint(
     directory: str | os.PathLike,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ema_state: Dict[str, torch.Tensor],
-    strategy_state: Dict[str, Any],
+    trainer: Stateful,
     train_state: TrainState,
     env: DistEnv,
+    after_shards: Optional[AfterShards] = None,
 ) -> Path:
-    """Write the whole training state into a local folder (every rank calls this)."""
-    assert_finite(model, "the model")
+    """Write the trainer's whole state into a local folder (every rank calls this): its tensors
+    with DCP, then (rank 0) ``state.json``, which marks the folder complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-        "ema": ema_state,
-        "strategy": {k: v for k, v in strategy_state.items() if isinstance(v, torch.Tensor)},
-        f"rng.rank{env.rank}": _rng_state(env),
-    }
-    dcp.save(state, checkpoint_id=str(directory))
-    maybe_inject_fault("checkpoint_write", train_state.step)
+    dcp.save({**trainer.state_dict(), f"rng.rank{env.rank}": _rng_state(env)}, checkpoint_id=str(directory))
+    if after_shards is not None:
+        after_shards(train_state.step)
     if env.is_main:
         train_state.world_size = env.world_size
         tmp = directory / (STATE_FILE + ".tmp")
@@ -145,34 +121,10 @@ def _required_sizes(metadata) -> Dict[str, int]:
     return sizes
 
 
-def incomplete_reason(directory: str | os.PathLike) -> Optional[str]:
-    """None when the DCP metadata, state.json and every shard file the metadata names (at full
-    length) are present in a local folder; otherwise what is missing."""
-    directory = Path(directory)
-    for name in (METADATA_FILE, STATE_FILE):
-        if not (directory / name).is_file():
-            return f"{name} is missing"
-    try:
-        metadata = dcp.FileSystemReader(str(directory)).read_metadata()
-    except Exception as exc:
-        return f"{METADATA_FILE} is unreadable ({type(exc).__name__})"
-    for name, size in _required_sizes(metadata).items():
-        path = directory / name
-        if not path.is_file():
-            return f"shard {name} is missing"
-        if path.stat().st_size < size:
-            return f"shard {name} is truncated ({path.stat().st_size} < {size} bytes)"
-    return None
-
-
-def is_complete(directory: str | os.PathLike) -> bool:
-    """True when a local checkpoint folder holds everything a resume needs."""
-    return incomplete_reason(directory) is None
-
-
-def stored_incomplete_reason(uri: str, storage_cfg=None) -> Optional[str]:
-    """``incomplete_reason`` for a checkpoint folder in the run's storage (local or s3://): reads
-    only its small files, and checks the shards' presence and size by listing.
+def incomplete_reason(uri: str | os.PathLike, storage_cfg=None) -> Optional[str]:
+    """None when a checkpoint folder (local or s3://) holds DCP's metadata, state.json and every
+    shard file the metadata names at full length; otherwise what is missing. Reads only the small
+    metadata file and checks the shards by listing.
 
     A checkpoint's ranks upload their parts independently, so state.json (rank 0) can be present
     while another rank's shard never arrived; a restart must not pick such a folder.
@@ -183,9 +135,10 @@ def stored_incomplete_reason(uri: str, storage_cfg=None) -> Optional[str]:
 
     from speed import storage
 
+    uri = str(uri)
     fs, path = storage.filesystem(uri, storage_cfg)
     listing = {
-        info.path.rsplit("/", 1)[-1]: info.size
+        info.base_name: info.size
         for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         if info.type == pafs.FileType.File
     }
@@ -206,53 +159,58 @@ def stored_incomplete_reason(uri: str, storage_cfg=None) -> Optional[str]:
     return None
 
 
+def is_complete(uri: str | os.PathLike, storage_cfg=None) -> bool:
+    """True when a checkpoint folder holds everything a resume needs."""
+    return incomplete_reason(uri, storage_cfg) is None
+
+
 def stored_keys(directory: str | os.PathLike) -> set:
     metadata = dcp.FileSystemReader(str(directory)).read_metadata()
     return set(metadata.state_dict_metadata)
 
 
-def load_checkpoint(
-    directory: str | os.PathLike,
-    *,
-    model: torch.nn.Module,
-    optimizer: Optional[torch.optim.Optimizer],
-    ema_state: Dict[str, torch.Tensor],
-    strategy_state: Dict[str, Any],
-    env: DistEnv,
-) -> TrainState:
-    """Load a checkpoint written by ``save_checkpoint`` into the given (possibly sharded) objects.
+def load_checkpoint(directory: str | os.PathLike, trainer: Stateful, env: DistEnv) -> TrainState:
+    """Load a checkpoint written by ``save_checkpoint`` into the (possibly sharded) trainer.
 
-    The world size may differ from the saving run's: DCP reshards. ``ema_state`` and
-    ``strategy_state`` are filled in place.
+    The world size may differ from the saving run's: DCP reshards. Parts the checkpoint lacks
+    (a strategy without state when it was written) keep their initial values; the per-rank RNG
+    state is restored only at the same world size.
     """
     directory = Path(directory)
-    if not is_complete(directory):
-        raise CheckpointError(
-            f"checkpoint '{directory}' is incomplete (an interrupted write?); resume from an earlier one"
-        )
+    reason = incomplete_reason(directory)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint '{directory}' is incomplete ({reason}); resume from an earlier one")
     train_state = read_train_state(directory)
     keys = stored_keys(directory)
-    state: Dict[str, Any] = {"model": get_model_state_dict(model), "ema": ema_state}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    strategy_tensors = {k: v for k, v in strategy_state.items() if isinstance(v, torch.Tensor)}
-    if strategy_tensors and any(k.startswith("strategy.") for k in keys):
-        state["strategy"] = strategy_tensors
+    state = {
+        name: part for name, part in trainer.state_dict().items()
+        if name != "strategy" or any(k.startswith("strategy.") for k in keys)
+    }
     rng_key = f"rng.rank{env.rank}"
     has_rng = any(k.startswith(rng_key + ".") for k in keys) and train_state.world_size == env.world_size
     if has_rng:
         state[rng_key] = _rng_state(env)
     dcp.load(state, checkpoint_id=str(directory))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-    if "strategy" in state:
-        strategy_state.update(state["strategy"])
-    if has_rng:
-        torch.set_rng_state(state[rng_key]["cpu"])
-        if "cuda" in state[rng_key]:
-            torch.cuda.set_rng_state(state[rng_key]["cuda"], env.device)
+    rng = state.pop(rng_key, None)
+    trainer.load_state_dict(state)
+    if rng is not None:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], env.device)
     return train_state
+
+
+def latest_complete_checkpoint(layout, skipped: Optional[List[str]] = None) -> Optional[str]:
+    """The newest checkpoint folder of a run (``RunLayout``) whose every part arrived; newer
+    incomplete ones are logged, noted in ``skipped`` and passed over."""
+    for _, uri in reversed(layout.checkpoints()):
+        reason = incomplete_reason(uri, layout.storage_cfg)
+        if reason is None:
+            return uri
+        log.warning("skipping incomplete checkpoint %s: %s", uri, reason)
+        if skipped is not None:
+            skipped.append(f"{uri.rsplit('/', 1)[-1]}: {reason}")
+    return None
 
 
 def load_ema_model(uri: str, storage_cfg=None, *, key: str = "inference.checkpoint_uri", device=None):
@@ -264,15 +222,15 @@ def load_ema_model(uri: str, storage_cfg=None, *, key: str = "inference.checkpoi
     import tempfile
 
     from speed import storage
-    from speed.train.export import ModelDescription, build_model
+    from speed.models.registry import ModelDescription
 
     with tempfile.TemporaryDirectory(prefix="speed-ema-") as scratch:
         local = Path(storage.local_copy(uri, scratch, storage_cfg))
         if not is_complete(local):
             raise CheckpointError(f"{key}: '{uri}' is not a complete training checkpoint (.metadata, shards and state.json)")
         state = read_train_state(local)
-        description = ModelDescription(**state.description)
-        model = build_model(description.model_config(), description.input_size, description.in_channels)
+        description = ModelDescription.from_dict(state.description)
+        model = description.build()
         ema = {k: v.clone() for k, v in model.state_dict().items()}
         dcp.load({"ema": ema}, checkpoint_id=str(local))
         model.load_state_dict(ema, strict=True)

@@ -61,11 +61,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and not hasattr(model, "blocks") else model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The DiT inside a DDP wrapper (FSDP2 wraps in place, so it is the model itself)."""
-    return _unwrap(model)
-
-
 def autocast_context(parallel: ParallelConfig, env: DistEnv):
     """FSDP2 casts parameters itself; DDP and single-process bf16 use autocast."""
     dtype = compute_dtype(parallel, env.device)

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from speed import storage
+from speed.train.run_layout import RunLayout, checkpoint_dir_name
 
 
 class IndexedSource:
@@ -44,37 +45,34 @@ class FixedSource:
 
 
 class LocalReporter:
-    """Keeps metrics and moves checkpoint folders under <run>/checkpoints/step_<N> (no Ray).
+    """Keeps metrics and moves checkpoint folders into the run folder as ``checkpoint_<step>``,
+    the layout Ray Train gives them (no Ray; tests and single-process tools). Local run folders
+    only: the Ray path hands checkpoints to Ray Train, which uploads them to any storage."""
 
-    Used by tests and single-process tools; only local run folders are supported here (the Ray
-    path hands checkpoints to Ray Train, which uploads them to any storage).
-    """
-
-    def __init__(self, run_uri: str, keep: int = 2):
-        if storage.is_s3(run_uri):
+    def __init__(self, layout: RunLayout, keep: int = 2):
+        if storage.is_s3(layout.root):
             raise ValueError("LocalReporter keeps checkpoints on local disk only; use the Ray job for s3:// runs")
-        self.root = Path(run_uri) / "checkpoints"
+        self.layout = layout
         self.keep = keep
         self.metrics: List[Dict[str, Any]] = []
-        self.checkpoints: List[Path] = sorted(self.root.glob("step_*")) if self.root.exists() else []
 
-    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None) -> None:
+    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None,
+               checkpoint_name: Optional[str] = None) -> None:
         self.metrics.append(dict(metrics))
         if checkpoint_dir is None:
             return
-        target = self.root / f"step_{int(metrics['step']):07d}"
-        self.root.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
+        target = Path(self.layout.path(checkpoint_name or checkpoint_dir_name(int(metrics["step"]))))
+        target.parent.mkdir(parents=True, exist_ok=True)
         # Move into place with one rename, so a half-copied folder is never visible.
-        staging = self.root / f".{target.name}.partial"
+        staging = target.parent / f".{target.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(checkpoint_dir, staging)
+        shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        self.checkpoints.append(target)
-        while len(self.checkpoints) > self.keep:
-            shutil.rmtree(self.checkpoints.pop(0), ignore_errors=True)
+        for _, uri in self.layout.checkpoints()[: -self.keep]:
+            shutil.rmtree(uri, ignore_errors=True)
 
     def latest(self) -> Optional[str]:
-        return str(self.checkpoints[-1]) if self.checkpoints else None
+        found = self.layout.checkpoints()
+        return found[-1][1] if found else None

@@ -1,0 +1,321 @@
+"""The training loop's components. Each owns its schedule and its state, receives only the
+config it needs, and is asked by the loop whether it is due at a step.
+
+  MetricLogger   log records (every one has ``step``) -> metrics parts, TensorBoard, progress
+  Checkpointer   the whole training state -> the reporter (which puts it in the run folder)
+  Evaluator      digits-FID / class accuracy of EMA samples
+  SampleGrid     a PNG grid of EMA samples
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Protocol
+
+import torch
+
+from speed import storage
+from speed.config.schema import EvalConfig, SampleConfig, SamplingConfig, StorageConfig
+from speed.models.registry import ModelDescription
+from speed.train.checkpoint import AfterShards, TrainState, assert_finite, save_checkpoint
+from speed.train.distributed import DistEnv
+from speed.train.run_layout import RunLayout, checkpoint_dir_name
+
+log = logging.getLogger("speed.train")
+
+
+class Reporter(Protocol):
+    """Receives metrics, and checkpoint folders to keep under ``checkpoint_name`` in the run
+    folder. Every rank calls it the same number of times (Ray Train's report is a barrier)."""
+
+    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None,
+               checkpoint_name: Optional[str] = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Due every ``every`` steps (0: never on the way) and always at ``last_step``."""
+
+    every: int
+    last_step: int
+
+    def due(self, step: int) -> bool:
+        return step == self.last_step or (self.every > 0 and step % self.every == 0)
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+class MetricLogger:
+    """Writes log records on rank 0: the current ``metrics-<first step>.jsonl`` part holds the
+    records since the last checkpoint and is rewritten as they come (bounded, however long the
+    run); a checkpoint closes it. TensorBoard events go to ``tensorboard/`` (written in place
+    for local runs, uploaded at checkpoints and at the end for s3:// runs). Shows a progress bar
+    on a terminal and one log line per record otherwise."""
+
+    def __init__(self, layout: RunLayout, env: DistEnv, *, schedule: Schedule, run_name: str, progress: bool):
+        self.layout = layout
+        self.env = env
+        self.schedule = schedule
+        self.run_name = run_name
+        self.progress = progress and env.is_main
+        self.part_first_step: Optional[int] = None
+        self.part: List[Dict[str, Any]] = []
+        self.roll = False
+        self.tb = None
+        self.tb_local: Optional[str] = None
+        self.bar = None
+        self.history: List[Dict[str, Any]] = []
+
+    def due(self, step: int) -> bool:
+        return self.schedule.due(step)
+
+    def start(self, start_step: int, config: Dict[str, Any]) -> None:
+        """Continue the run's log at ``start_step`` (records after it are dropped)."""
+        if not self.env.is_main:
+            return
+        self.layout.truncate_metrics(start_step)
+        storage.write_text(self.layout.config_uri, json.dumps(config, indent=1, sort_keys=True), self.layout.storage_cfg)
+        self.roll = True
+        self._open_tensorboard(start_step)
+        if self.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.schedule.last_step, initial=start_step, desc=self.run_name, unit="step",
+                            dynamic_ncols=True)
+
+    def _open_tensorboard(self, start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if storage.is_s3(self.layout.root):
+            self.tb_local = tempfile.mkdtemp(prefix="speed-tb-")
+            directory = self.tb_local
+        else:
+            directory = self.layout.tensorboard_uri
+        self.tb = SummaryWriter(directory, purge_step=start_step + 1 if start_step else None)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        """Add a record (it must name its ``step``); a second record of the same step merges
+        into the first (e.g. the evaluation after a step's checkpoint)."""
+        step = int(record["step"])
+        clean = {k: _finite_or_none(v) for k, v in record.items()}
+        if self.history and self.history[-1]["step"] == step:
+            self.history[-1].update(record)
+        else:
+            self.history.append(dict(record))
+        if not self.env.is_main:
+            return
+        if self.part and self.part[-1]["step"] == step:
+            self.part[-1].update(clean)
+        else:
+            if self.roll or self.part_first_step is None:
+                self.part_first_step, self.part, self.roll = step, [], False
+            self.part.append(clean)
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.part)
+        storage.write_text(self.layout.metrics_part_uri(self.part_first_step), text, self.layout.storage_cfg)
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+        self._show(record)
+
+    def _show(self, record: Dict[str, Any]) -> None:
+        step = int(record["step"])
+        if self.bar is not None:
+            self.bar.n = step
+            if "loss" in record:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", ips=f"{record.get('images_per_sec', 0):.0f}")
+            self.bar.refresh()
+            return
+        if not self.progress:
+            return
+        parts = [f"step {step}/{self.schedule.last_step}"]
+        for key, fmt in (("loss", "loss {:.4f}"), ("images_per_sec", "{:.0f} img/s"), ("digits_fid", "digits_fid {:.3f}"),
+                         ("class_accuracy", "class_accuracy {:.3f}"), ("sample_grid", "grid {}")):
+            if record.get(key) is not None:
+                parts.append(fmt.format(record[key]))
+        log.info("%s: %s", self.run_name, ", ".join(parts))
+
+    def end_segment(self) -> None:
+        """A checkpoint was written: the next record starts a new part; upload TensorBoard."""
+        self.roll = True
+        if self.env.is_main:
+            self._upload_tensorboard()
+
+    def _upload_tensorboard(self) -> None:
+        if self.tb_local is None:
+            return
+        for path in Path(self.tb_local).glob("*"):
+            storage.write_bytes(storage.join(self.layout.tensorboard_uri, path.name), path.read_bytes(),
+                                self.layout.storage_cfg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+            self._upload_tensorboard()
+        if self.tb_local is not None:
+            shutil.rmtree(self.tb_local, ignore_errors=True)
+
+
+class StepTimer:
+    """Wall time and data-wait time of the steps since the last log record."""
+
+    def __init__(self, global_batch: int, start_step: int):
+        self.global_batch = global_batch
+        self.last_step = start_step
+        self.began = time.perf_counter()
+        self.data_wait = 0.0
+
+    def fetch(self, source, step: int, offset: int, count: int):
+        began = time.perf_counter()
+        batch = source.batch(step, offset, count)
+        self.data_wait += time.perf_counter() - began
+        return batch
+
+    def read(self, step: int) -> Dict[str, float]:
+        elapsed = max(time.perf_counter() - self.began, 1e-9)
+        steps = max(step - self.last_step, 1)
+        out = {
+            "images_per_sec": steps * self.global_batch / elapsed,
+            "step_time_s": elapsed / steps,
+            "data_wait_fraction": self.data_wait / elapsed,
+        }
+        self.last_step, self.began, self.data_wait = step, time.perf_counter(), 0.0
+        return out
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves the trainer at its schedule (and on request) into a local folder and hands it to
+    the reporter, which keeps it as ``checkpoint_<step>`` in the run folder. ``after_shards`` is
+    the tests' seam between the shards and state.json."""
+
+    def __init__(self, env: DistEnv, *, schedule: Schedule, reporter: Reporter, config: Dict[str, Any],
+                 after_shards: Optional[AfterShards] = None):
+        self.env = env
+        self.schedule = schedule
+        self.reporter = reporter
+        self.config = config
+        self.after_shards = after_shards
+        self.last_saved: Optional[int] = None
+
+    def due(self, step: int) -> bool:
+        return self.schedule.due(step)
+
+    def save(self, trainer, step: int, images_seen: int, metrics: Dict[str, Any]) -> None:
+        assert_finite(trainer.model, "the model")
+        state = TrainState(step=step, images_seen=images_seen, config=self.config,
+                           description=json.loads(trainer.description.at_step(step).to_json()))
+        directory = tempfile.mkdtemp(prefix=f"speed-ckpt-{step:07d}-")
+        save_checkpoint(directory, trainer, state, self.env, self.after_shards)
+        self.reporter.report({**metrics, "step": step}, checkpoint_dir=directory,
+                             checkpoint_name=checkpoint_dir_name(step))
+        self.last_saved = step
+
+
+# --- evaluation and sample grids -----------------------------------------------------------------
+
+
+def auto_eval_num_samples(resolution: int) -> int:
+    """The end-of-run evaluation's default size: 500 samples at 8x8, fewer as images grow (the
+    cost of sampling grows with the pixels), never fewer than 64."""
+    return max(64, int(500 * (8 / max(resolution, 8)) ** 2))
+
+
+class Evaluator:
+    """digits-FID and class accuracy of EMA samples (the CPU configs' metric); rank 0 samples."""
+
+    def __init__(self, description: ModelDescription, *, schedule: Schedule, num_samples: Optional[int],
+                 eval_cfg: EvalConfig, sampling: SamplingConfig, classifier_uri: str,
+                 storage_cfg: Optional[StorageConfig], seed: int):
+        self.description = description
+        self.schedule = schedule
+        self.sampling = sampling
+        self.classifier_uri = classifier_uri
+        self.storage_cfg = storage_cfg
+        self.seed = seed
+        self.num_samples = auto_eval_num_samples(description.resolution) if num_samples is None else num_samples
+        # Only pixel-space digits-like data has an evaluator that runs inside training.
+        self.enabled = self.num_samples > 0 and eval_cfg.feature_extractor == "digits" and not description.is_latent
+
+    def due(self, step: int) -> bool:
+        return self.enabled and self.schedule.due(step)
+
+    def run(self, model: torch.nn.Module) -> Dict[str, Any]:
+        from speed.evaluate import digits_metrics, get_digits_classifier
+        from speed.sample import generate
+
+        n = self.num_samples
+        num_classes = self.description.model_config().num_classes
+        labels = [i % num_classes for i in range(n)]
+        images = generate(model, self.description, self.sampling, labels, list(range(n)), self.seed + 1, "cpu")
+        # The classifier is trained once and cached beside the runs, not retrained by every worker.
+        classifier = get_digits_classifier(self.classifier_uri, self.storage_cfg)
+        return digits_metrics(images, labels, classifier=classifier)
+
+
+class SampleGrid:
+    """One row per class of ``sample.classes``, ``sample.per_class`` columns, as a PNG."""
+
+    def __init__(self, description: ModelDescription, layout: RunLayout, *, schedule: Schedule,
+                 sample: SampleConfig, sampling: SamplingConfig):
+        self.description = description
+        self.layout = layout
+        self.schedule = schedule
+        self.sample = sample
+        self.sampling = sampling
+
+    def due(self, step: int) -> bool:
+        return self.schedule.due(step)
+
+    def run(self, model: torch.nn.Module, step: int) -> Dict[str, Any]:
+        from speed.sample import generate, make_grid_png
+
+        labels = [c for c in self.sample.classes for _ in range(self.sample.per_class)]
+        indices = [j for _ in self.sample.classes for j in range(self.sample.per_class)]
+        images = generate(model, self.description, self.sampling, labels, indices, self.sample.seed, "cpu")
+        uri = self.layout.sample_grid_uri(step)
+        storage.write_bytes(uri, make_grid_png(images, nrow=self.sample.per_class), self.layout.storage_cfg)
+        return {"sample_grid": uri}
+
+
+# --- stop requests -------------------------------------------------------------------------------
+
+
+class StopRequested:
+    """Set by SIGTERM (``ray job stop``, a node shutting down) or a caller; checked between steps."""
+
+    def __init__(self) -> None:
+        self.flag = False
+
+    def install(self) -> None:
+        import signal
+
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: the caller sets the flag itself
+            pass
+
+    def _handle(self, *_: Any) -> None:
+        self.flag = True
+
+
+# Called on every rank at log steps: returns (checkpoint_now, stop_now) for this rank; ranks then
+# agree (any rank asking wins). Ray's adapter reports preemption notices and job-stop requests here.
+Control = Callable[[], "tuple[bool, bool]"]
