@@ -216,9 +216,9 @@ def full_params(model) -> Dict[str, torch.Tensor]:
 
 
 def run_steps_for_check(cfg, env, x, y, steps: int) -> Tuple[List[float], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    from speed.train.loop import Trainer
+    from speed.train.loop import build_trainer
 
-    trainer = Trainer(cfg, env)
+    trainer = build_trainer(cfg, env)
     before = full_params(trainer.model)
     losses = []
     for step in range(steps):
@@ -278,7 +278,7 @@ class Variant:
 
 def measure_variant(variant: Variant, geometry: Geometry, device: torch.device, clock: Clock, warmup: int,
                     steps: int, flops_per_step: float, limits: Dict[str, float], compile_backend: Optional[str]) -> Dict[str, Any]:
-    from speed.train.loop import Trainer
+    from speed.train.loop import build_trainer
 
     cfg = train_config(geometry, mixed_precision="bf16", compile=variant.compile, ac=variant.ac, strategy=variant.strategy)
     env = make_env(device, fsdp=variant.strategy == "fsdp")
@@ -286,7 +286,7 @@ def measure_variant(variant: Variant, geometry: Geometry, device: torch.device, 
         torch.cuda.reset_peak_memory_stats(device)
     began = time.perf_counter()
     with _compile_backend(compile_backend):
-        trainer = Trainer(cfg, env)
+        trainer = build_trainer(cfg, env)
         build_s = time.perf_counter() - began
         gen = torch.Generator().manual_seed(0)
         shape = (geometry.batch, 4, geometry.resolution // 8, geometry.resolution // 8)

@@ -152,33 +152,30 @@ def load_dataset(cfg: Config) -> Tuple[torch.Tensor, torch.Tensor]:
 def run_trial(cfg: Config, data: Tuple[torch.Tensor, torch.Tensor], progress: bool = False) -> Dict[str, Any]:
     """Train one config in-process (resuming its run if an earlier benchmark was interrupted);
     returns {"history": [...], "wall_s": seconds of this call, "resumed_from": step}."""
+    from speed.models.export import WEIGHTS_NAME
     from speed.train import loop
+    from speed.train.checkpoint import latest_complete_checkpoint
     from speed.train.distributed import DistEnv
+    from speed.train.run_layout import RunLayout
     from speed.train.sources import IndexedSource, LocalReporter
 
-    run = storage.join(cfg.run.output_uri, cfg.run.name)
-    history_uri = storage.join(run, "metrics.jsonl")
-    wall_uri = storage.join(run, RUN_FILE)
+    layout = RunLayout.for_run(cfg.run, cfg.storage)
+    wall_uri = layout.path(RUN_FILE)
     wall = json.loads(storage.read_text(wall_uri))["wall_s"] if storage.exists(wall_uri) else 0.0
-    reporter = LocalReporter(run, keep=1)
-    history = _read_history(history_uri)
+    reporter = LocalReporter(layout, keep=1)
+    history = layout.read_metrics()
     if history and max(r.get("step", 0) for r in history) >= cfg.train.steps and storage.exists(
-        storage.join(run, "export", "ema.safetensors")
+        storage.join(layout.export_uri, WEIGHTS_NAME)
     ):
         return {"history": history, "wall_s": wall, "resumed_from": cfg.train.steps}
     images, labels = data
     source = IndexedSource(images, labels, cfg.run.seed, cfg.train.global_batch_size)
     start = time.perf_counter()
-    result = loop.train(cfg, DistEnv(), source, reporter, resume_dir=reporter.latest(), progress=progress)
+    result = loop.train(cfg, DistEnv(), source, reporter, resume_dir=latest_complete_checkpoint(layout),
+                        progress=progress)
     wall += time.perf_counter() - start
     storage.write_text(wall_uri, json.dumps({"wall_s": wall}))
-    return {"history": _read_history(history_uri) or result.history, "wall_s": wall, "resumed_from": result.start_step}
-
-
-def _read_history(uri: str) -> List[Dict[str, Any]]:
-    if not storage.exists(uri):
-        return []
-    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+    return {"history": layout.read_metrics() or result.history, "wall_s": wall, "resumed_from": result.start_step}
 
 
 # --- the benchmark -------------------------------------------------------------------------------
@@ -194,7 +191,8 @@ def build(args) -> Tuple[Config, List[Dict[str, Any]], List[str], List[int], str
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset["seeds"])
     name = "speedup-quick" if args.quick else "speedup"
     overrides = [*preset["overrides"], "parallel.strategy=none", *args.overrides]
-    cfg = load_config(args.config, overrides)
+    # Local paths absolute: the training loop expects them so (speed.storage.absolute_paths).
+    cfg = storage.absolute_paths(load_config(args.config, overrides))
     dims = parse_search_space({STRATEGY_KEY: strategies, SEED_KEY: seeds})
     check_search_space(cfg, dims)  # every strategy x seed is a valid config, before any training
     trials = grid_points(dims)

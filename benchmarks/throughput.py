@@ -8,7 +8,7 @@ the others):
 * ``matmul``   the machine's limit: large fp32 and bf16 matrix products (GFLOP/s), at the
                benchmark's thread count and on all cores, plus one product of the digits step's
                own MLP shape (tokens x D x 4D) for context;
-* ``train``    ``speed.train.loop.Trainer.train_step`` on the digits config's DiT over 8x8x1 (and,
+* ``train``    ``speed.train.trainer.Trainer.train_step`` on the digits config's DiT over 8x8x1 (and,
                without --quick, DiT-S/2 over 32x32x3): images/s, model FLOP/s counted with
                ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward) and MFU against
                the same-dtype matmul rate, in fp32 and bf16 autocast;
@@ -16,8 +16,8 @@ the others):
                (the reference DiT train.py shape: randint timesteps, training_losses, backward,
                AdamW, per-parameter EMA), interleaved with our Trainer.train_step, then our
                in-process ``speed.train.loop.train`` and the full ``python -m ray_jobs.train``
-               (Ray Train) on the digits config; steady-state images/s from metrics.jsonl after the
-               first log interval. ``ray_overhead_ratio`` = our time per image / the plain loop's;
+               (Ray Train) on the digits config; steady-state images/s from the run's metrics
+               (``RunLayout.read_metrics``) after the first log interval. ``ray_overhead_ratio`` = our time per image / the plain loop's;
 * ``data``     a moto S3 server started here, the digits written to it as a JPEG imagefolder and
                as Parquet (``ray_jobs.prepare``), the Ray Data feed rate of each
                (``ray_jobs.data.build_train_dataset`` -> ``iter_torch_batches``) against the
@@ -63,6 +63,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from speed.testing import moto_s3  # noqa: E402
+from speed.train.run_layout import RunLayout  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
@@ -121,9 +122,11 @@ def threads_as(threads: int) -> Iterator[None]:
 
 
 def digits_config(overrides: Sequence[str] = ()):
+    """The digits training config with every local path absolute (what the training loop expects)."""
     from speed.config import load_config
+    from speed.storage import absolute_paths
 
-    return load_config(DIGITS_CONFIG, list(overrides), phase="train")
+    return absolute_paths(load_config(DIGITS_CONFIG, list(overrides), phase="train"))
 
 
 class Timings:
@@ -322,11 +325,11 @@ def _cpu_bf16_flags() -> List[str]:
 def _trainer_and_data(overrides: Sequence[str]):
     from speed.data.digits import load_digits
     from speed.train.distributed import DistEnv
-    from speed.train.loop import Trainer
+    from speed.train.loop import build_trainer
     from speed.train.sources import IndexedSource
 
     cfg = digits_config(overrides)
-    trainer = Trainer(cfg, DistEnv())
+    trainer = build_trainer(cfg, DistEnv())
     images, labels = load_digits(cfg.data.resolution, cfg.data.channels)
     source = IndexedSource(images, labels, cfg.run.seed, cfg.train.global_batch_size)
     return cfg, trainer, source
@@ -489,10 +492,24 @@ class PlainLoop:
         self.update_ema()
 
 
-class _NullReporter:
-    def report(self, metrics, checkpoint_dir=None) -> None:
+class RecordingReporter:
+    """Keeps the training loop's log records as they are reported, with this process's CPU time
+    when each arrived (``marks[n]``: the n-th record), and drops checkpoints. A report of a step
+    already recorded (the evaluation after the last step) merges into its record."""
+
+    def __init__(self) -> None:
+        self.records: List[Dict[str, Any]] = []
+        self.marks: Dict[int, Tuple[float, ...]] = {}
+
+    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None,
+               checkpoint_name: Optional[str] = None) -> None:
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if self.records and self.records[-1].get("step") == metrics.get("step"):
+            self.records[-1].update(metrics)
+            return
+        self.records.append(dict(metrics))
+        self.marks[len(self.records)] = (time.process_time(),)
 
 
 def steady_state(records: List[Dict[str, Any]], key: str) -> Tuple[float, int]:
@@ -514,9 +531,9 @@ def steady_state(records: List[Dict[str, Any]], key: str) -> Tuple[float, int]:
 
 def cpu_per_image(marks: Dict[int, Tuple[float, ...]], records: List[Dict[str, Any]], batch: int) -> List[Optional[float]]:
     """CPU seconds per image between the first and the second-to-last log record (snapshots keyed by
-    how many records existed when taken), for each CPU counter in the snapshots. The last record is
-    written after the end-of-run evaluation, sample grid and export, which the plain loop does not
-    do, so the interval ending there is left out."""
+    how many records existed when taken), for each CPU counter in the snapshots. The last record
+    arrives with the end-of-run checkpoint (and the evaluation, sample grid and export follow it),
+    which the plain loop does not do, so the interval ending there is left out."""
     last = len(records) - 1
     if last < 2 or 1 not in marks or last not in marks:
         return []
@@ -536,22 +553,17 @@ def run_inprocess_train(overrides: Sequence[str], threads: int, workdir: Path) -
     cfg = digits_config([*overrides, f"run.output_uri={workdir}", f"run.name={name}"])
     images, labels = load_digits(cfg.data.resolution, cfg.data.channels)
     source = IndexedSource(images, labels, cfg.run.seed, cfg.train.global_batch_size)
-    records: List[Dict[str, Any]] = []
-    marks: Dict[int, Tuple[float, ...]] = {}
-
-    def on_log(record: Dict[str, Any]) -> None:
-        records.append(record)
-        marks[len(records)] = (time.process_time(),)
-
+    reporter = RecordingReporter()
     error = None
     began = time.perf_counter()
     with threads_as(threads):
         try:
-            train(cfg, DistEnv(), source, _NullReporter(), progress=False, on_log=on_log)
+            train(cfg, DistEnv(), source, reporter, progress=False)
         except Exception as exc:  # the end-of-run eval/sampling may fail; the timed intervals are in
             error = f"{type(exc).__name__}: {exc}"
+    records = reporter.records
     ips, n = steady_state(records, "images_per_sec")
-    cpu = cpu_per_image(marks, records, cfg.train.global_batch_size)
+    cpu = cpu_per_image(reporter.marks, records, cfg.train.global_batch_size)
     return {"images_per_sec_wall": rnd(ips, 2), "cpu_s_per_image": rnd(cpu[0] / threads, 7) if cpu else None,
             "intervals": n, "wall_s": rnd(time.perf_counter() - began, 2), "end_of_run_error": error,
             "threads": threads}
@@ -577,14 +589,14 @@ def run_ray_train(overrides: Sequence[str], workdir: Path, timeout_s: float, bat
 
 def _run_ray_train_once(overrides: Sequence[str], workdir: Path, timeout_s: float, batch: int,
                         config: str = DIGITS_CONFIG) -> Dict[str, Any]:
-    """``python -m ray_jobs.train`` in a subprocess; steady-state metrics from its metrics.jsonl, and
+    """``python -m ray_jobs.train`` in a subprocess; steady-state metrics from its run's metrics parts, and
     the CPU time of the training worker and of the whole job (driver, Ray daemons, workers, data
     tasks), sampled from /proc whenever a new log record lands."""
     name = f"bench-ray-{uuid.uuid4().hex[:6]}"
     argv = [sys.executable, "-m", "ray_jobs.train", "-c", config, *overrides,
             f"run.output_uri={workdir}", f"run.name={name}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    metrics_path = workdir / name / "metrics.jsonl"
+    layout = RunLayout(str(workdir / name))
     marks: Dict[int, Tuple[float, float]] = {}
     began = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -597,10 +609,7 @@ def _run_ray_train_once(overrides: Sequence[str], workdir: Path, timeout_s: floa
                 proc.wait()
                 rc = "timeout"
                 break
-            try:
-                count = sum(1 for line in metrics_path.read_text().splitlines() if line.strip())
-            except OSError:
-                count = 0
+            count = len(_read_records(layout))
             if count != seen:
                 seen = count
                 marks[count] = tree_cpu(proc.pid, RAY_WORKER_MARKER)
@@ -611,9 +620,7 @@ def _run_ray_train_once(overrides: Sequence[str], workdir: Path, timeout_s: floa
         stdout, stderr = out.read(), err.read()
     wall = time.perf_counter() - began
     final = _last_json(stdout)
-    records = []
-    if metrics_path.exists():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = _read_records(layout)
     ips, n = steady_state(records, "images_per_sec")
     wait, _ = steady_state(records, "data_wait_fraction")
     step_s, _ = steady_state(records, "step_time_s")
@@ -635,6 +642,16 @@ def _run_ray_train_once(overrides: Sequence[str], workdir: Path, timeout_s: floa
     if rc != 0:
         result["stderr_tail"] = stderr[-3000:]
     return result
+
+
+def _read_records(layout) -> List[Dict[str, Any]]:
+    """The run's log records; [] before its first part exists or while a part is being replaced."""
+    from speed.storage import StorageError
+
+    try:
+        return layout.read_metrics()
+    except (OSError, StorageError):
+        return []
 
 
 def _text(value) -> str:

@@ -458,8 +458,12 @@ def train_worker(loop_config: Dict[str, Any]) -> None:
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not sys.stderr.isatty():
-        # Ray Train logs every report's whole metrics dict; the loop's own log line says enough.
+        # Ray Train logs every report's whole metrics dict (from a logger named by its file); the
+        # loop's own log line says enough.
+        from ray.train.v2._internal.execution import context as train_context
+
         logging.getLogger("ray.train").setLevel(logging.WARNING)
+        getattr(train_context, "logger", logging.getLogger("ray.train")).setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["config"])
     # One thread per CPU the worker was given, never more than the node has (oversubscription
     # turned a 0.4 s step into 6 s).

@@ -3,9 +3,7 @@ DDP, exact resume, non-finite handling, checkpoint compatibility."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
