@@ -10,11 +10,14 @@ through Ray's worker-group start-up timeouts.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import List
 
 from speed.config import Config, ConfigError, num_workers_range
+
+log = logging.getLogger("speed.train")
 
 # Below this a worker spends more time waiting for its share of a core than computing.
 MIN_CPUS_PER_WORKER = 0.25
@@ -38,12 +41,21 @@ def reserved_data_cpus(cfg: Config, capacity: ClusterCapacity) -> float:
     return max(cfg.data.read_cpus, 1.0) if capacity.total_cpus >= 2 else cfg.data.read_cpus
 
 
-def plan_cpus_per_worker(cfg: Config, capacity: ClusterCapacity) -> float:
-    """The CPUs each worker asks for; raises ConfigError when the request can never be placed."""
+def plan_cpus_per_worker(cfg: Config, capacity: ClusterCapacity, *, can_grow: bool = False) -> float:
+    """The CPUs each worker asks for; raises ConfigError when the request can never be placed.
+
+    ``can_grow``: a cluster that may add nodes (an autoscaler); an explicit request larger than
+    today's cluster is then logged and left to the autoscaler instead of refused."""
     low, high = num_workers_range(cfg.ray)
     reserve = reserved_data_cpus(cfg, capacity)
     largest_node = max(capacity.node_cpus, default=0.0)
     have = f"the cluster has {capacity.describe()}"
+    if can_grow and cfg.ray.cpus_per_worker != "auto":
+        per = float(cfg.ray.cpus_per_worker)
+        if per * low > capacity.total_cpus or (cfg.ray.use_gpu and capacity.total_gpus < low):
+            log.warning("ray.num_workers=%s x ray.cpus_per_worker=%g does not fit %s now; waiting for the "
+                        "cluster to add nodes", cfg.ray.num_workers, per, capacity.describe())
+        return per
     if cfg.ray.use_gpu and capacity.total_gpus < low:
         raise ConfigError(
             f"ray.num_workers={cfg.ray.num_workers} with ray.use_gpu=true needs {low} GPU(s), but {have}; "
@@ -75,6 +87,14 @@ def plan_cpus_per_worker(cfg: Config, capacity: ClusterCapacity) -> float:
             "(or set it to auto) or ray.num_workers"
         )
     return per
+
+
+def cluster_can_grow(cfg: Config) -> bool:
+    """A cluster this job joined (``ray.address`` / ``RAY_ADDRESS``) may autoscale; a local Ray
+    started by the job cannot."""
+    import os
+
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
 def cluster_capacity() -> ClusterCapacity:

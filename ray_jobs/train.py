@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ray_jobs.common import emit, init_ray, load_job_config, run_main
-from ray_jobs.resources import cluster_capacity, plan_cpus_per_worker
+from ray_jobs.resources import cluster_can_grow, cluster_capacity, plan_cpus_per_worker
 from speed import seeding, storage
 from speed.config import Config, config_from_dict, num_workers_range, to_dict
 from speed.models import describe
@@ -155,7 +155,7 @@ def build_trainer(cfg: Config, resume_uri: Optional[str], stop_actor_name: str, 
 
     low, high = num_workers_range(cfg.ray)
     num_workers = low if low == high else (low, high)
-    cpus = plan_cpus_per_worker(cfg, cluster_capacity())
+    cpus = plan_cpus_per_worker(cfg, cluster_capacity(), can_grow=cluster_can_grow(cfg))
     log.info("%s: %s worker(s) with %g CPU(s) each", cfg.run.name, num_workers, cpus)
     resources = {"CPU": cpus}
     if cfg.ray.use_gpu:
@@ -223,7 +223,7 @@ def run_training(cfg: Config, *, after_shards: Optional[AfterShards] = None) -> 
                 "final_loss": _last_loss(layout), "images_per_sec": None, "run": layout.root}
     _share_credentials_with_local_workers(cfg)
     ray = init_ray(cfg)
-    plan_cpus_per_worker(cfg, cluster_capacity())  # a request that cannot be placed fails now, not after timeouts
+    plan_cpus_per_worker(cfg, cluster_capacity(), can_grow=cluster_can_grow(cfg))  # a request that cannot be placed fails now, not after timeouts
     datasets = training_datasets(cfg, start_step)
     stop_actor_name = f"{STOP_ACTOR_PREFIX}{uuid.uuid4().hex[:8]}"
     stop_actor = _create_stop_actor(stop_actor_name)

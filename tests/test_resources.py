@@ -43,3 +43,8 @@ def test_a_worker_that_takes_every_cpu_while_streaming_is_refused():
     with pytest.raises(ConfigError, match=r"data.read_cpus.*ray.cpus_per_worker=2 take 2 of the 2 CPUs"):
         plan(TWO_CORES, *PARQUET, "ray.cpus_per_worker=2")
     assert plan(TWO_CORES, *PARQUET, "ray.cpus_per_worker=1.5") == 1.5
+
+
+def test_a_cluster_that_can_grow_gets_the_explicit_request():
+    cfg = load_config(None, ["ray.num_workers=4", "ray.cpus_per_worker=8"])
+    assert plan_cpus_per_worker(cfg, TWO_CORES, can_grow=True) == 8.0
