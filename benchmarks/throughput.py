@@ -83,8 +83,14 @@ FAST_END_OVERRIDES = (
     "train.eval_num_samples=10",
     "sample.per_class=1",
     "sampling.steps=10",
-    "train.checkpoint_every=0",
 )
+
+
+def timed_run_overrides(steps: int, log_every: int) -> List[str]:
+    """A timed training run: ``steps`` steps, a record every ``log_every``, the cheap end-of-run
+    extras and one checkpoint, at the end (``train.checkpoint_every`` is at least 1)."""
+    return [f"train.steps={steps}", f"train.log_every={log_every}", f"train.checkpoint_every={steps}",
+            *FAST_END_OVERRIDES]
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -697,7 +703,7 @@ def section_overhead(args, results: Dict[str, Any], workdir: Path) -> None:
         f"{1 / step_cpu:.0f} img/CPU-s ({batch / our_t.wall_median:.0f} wall), {threads} thr")
     steps = 60 if quick else 300
     log_every = 10 if quick else 50
-    run_overrides = [f"train.steps={steps}", f"train.log_every={log_every}", *FAST_END_OVERRIDES]
+    run_overrides = timed_run_overrides(steps, log_every)
 
     def plain_now() -> Timings:
         with threads_as(threads):
@@ -884,8 +890,7 @@ def section_data(args, results: Dict[str, Any], workdir: Path) -> None:
         log_every = 10 if quick else 50
         for fmt in ("imagefolder", "parquet"):
             overrides = [f"data.format={fmt}", f"data.uri={uris[fmt]}", "data.resolution=8", "data.channels=1",
-                         f"train.steps={steps}", f"train.log_every={log_every}", f"ray.cpus_per_worker={max(1, threads)}",
-                         *FAST_END_OVERRIDES]
+                         f"ray.cpus_per_worker={max(1, threads)}", *timed_run_overrides(steps, log_every)]
             runs[fmt] = run_ray_train(overrides, workdir, timeout_s=480 if quick else 1200, batch=batch)
             log(f"data: ray_jobs.train on {fmt}: {runs[fmt]['images_per_sec_wall']} img/s, "
                 f"data wait {runs[fmt]['data_wait_fraction']} (rc {runs[fmt]['returncode']})")

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ray_jobs.common import emit, init_ray, parse_args, run_main
-from ray_jobs.resources import ClusterCapacity, cluster_capacity, plan_cpus_per_worker
+from ray_jobs.resources import ClusterCapacity, cluster_can_grow, cluster_capacity, plan_cpus_per_worker
 from speed import storage
 from speed.config import Config, ConfigError, config_from_dict, load_config, num_workers_range, to_dict
 from speed.config.load import apply_overrides
@@ -134,12 +134,13 @@ def max_concurrent(cfg: Config, capacity: ClusterCapacity) -> int:
 
     A trial's workers are sized as ``ray_jobs.train.build_trainer`` sizes them
     (``plan_cpus_per_worker``; ``ray.cpus_per_worker=auto`` gives one trial the whole cluster),
-    so a request that can never be placed fails here, before any trial starts."""
+    so a request that can never be placed fails here, before any trial starts (on a joined cluster,
+    which may autoscale, an explicit request larger than today's cluster is left to the autoscaler)."""
     low, _ = num_workers_range(cfg.ray)
     limit = cfg.tune.max_concurrent_trials
-    cpus = low * plan_cpus_per_worker(cfg, capacity)
+    cpus = low * plan_cpus_per_worker(cfg, capacity, can_grow=cluster_can_grow(cfg))
     if cpus > 0 and capacity.total_cpus:
-        limit = min(limit, max(1, int(capacity.total_cpus // cpus + 1e-9)))
+        limit = min(limit, max(1, math.floor(capacity.total_cpus / cpus + 1e-9)))
     if cfg.ray.use_gpu and capacity.total_gpus:
         limit = min(limit, max(1, int(capacity.total_gpus // low)))
     return max(1, limit)
