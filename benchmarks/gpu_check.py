@@ -12,7 +12,8 @@ would run out:
 3. DiT-XL/2 on synthetic 32x32x4 latents (ImageNet-256's SD-VAE latent shape), bf16 FSDP2 on one
    rank of an NCCL process group (MASTER_ADDR=127.0.0.1), the real ``Trainer.train_step`` after
    ``speed.train.parallelize.parallelize``: eager, + activation checkpointing, + torch.compile,
-   both; and the plain single-process module (what one worker trains without FSDP);
+   both; and the plain single-process module (what one worker trains without FSDP); then flow
+   matching (SiT's objective) and token routing (half the tokens skip the middle blocks), eager;
    images/s and MFU (FLOPs counted with FlopCounterMode on the meta device) against the measured
    bf16 rate and against the datasheet's dense bf16 rate;
 4. sampling: DDIM-50 with guidance 1.5 on the XL/2 model (the inference actor's fp32+TF32
@@ -46,6 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 of an H100/H200 SXM by the datasheet (the page the targets refer to).
 DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 TARGET_MFU = 0.40
+FLOW_OVERRIDES = ("diffusion.objective=flow", "model.learn_sigma=false", "sampling.sampler=euler")
 
 _T0 = time.perf_counter()
 
@@ -274,13 +276,15 @@ class Variant:
     compile: bool
     ac: bool
     est_s: float  # rough cost on an H200, to skip what the budget cannot hold
+    extra: Tuple[str, ...] = ()  # config overrides of the variant (objective, routing)
 
 
 def measure_variant(variant: Variant, geometry: Geometry, device: torch.device, clock: Clock, warmup: int,
                     steps: int, flops_per_step: float, limits: Dict[str, float], compile_backend: Optional[str]) -> Dict[str, Any]:
     from speed.train.loop import build_trainer
 
-    cfg = train_config(geometry, mixed_precision="bf16", compile=variant.compile, ac=variant.ac, strategy=variant.strategy)
+    cfg = train_config(geometry, mixed_precision="bf16", compile=variant.compile, ac=variant.ac, strategy=variant.strategy,
+                       extra=variant.extra)
     env = make_env(device, fsdp=variant.strategy == "fsdp")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -306,6 +310,8 @@ def measure_variant(variant: Variant, geometry: Geometry, device: torch.device, 
         step_s = (time.perf_counter() - began) / steps
         loss = trainer.metrics.read(env)["loss"]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    if variant.extra and getattr(trainer, "train_flops_per_image", None):
+        flops_per_step = trainer.train_flops_per_image * geometry.batch  # routing changes the work per step
     achieved = flops_per_step / step_s / 1e12
     row = {
         "variant": variant.name, "strategy": trainer.strategy_name, "compile": variant.compile, "ac": variant.ac,
@@ -521,6 +527,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             Variant("fsdp2 bf16 compile", "fsdp", True, False, 150),
             Variant("plain module bf16 autocast eager", "none", False, False, 30),
             Variant("fsdp2 bf16 compile + AC", "fsdp", True, True, 150),
+            Variant("fsdp2 bf16 eager, flow matching (SiT)", "fsdp", False, False, 30, FLOW_OVERRIDES),
+            Variant("fsdp2 bf16 eager, routing 0.5", "fsdp", False, False, 30, ("model.routing.fraction=0.5",)),
         ]
         report["train"] = []
         report["sampling"] = []

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One brief check on a single-GPU machine, everything in one call (see benchmarks/gpu_check.py):
-# DiT-XL/2 bf16 FSDP2 on one rank (eager / activation checkpointing / torch.compile) with images/s
+# DiT-XL/2 bf16 FSDP2 on one rank (eager / activation checkpointing / torch.compile; flow matching and
+# token routing eager) with images/s
 # and MFU against a measured bf16 matmul rate, DDIM sampling, and bf16-vs-fp32 correctness.
 # Finishes in under 8 minutes and prints a short table last.
 #

@@ -5,13 +5,13 @@
 Trains the same DiT on the same data with every strategy of the registry
 (``speed.diffusion.TIMESTEP_STRATEGIES``: uniform, speed, speed_v1, p2, min_snr, logit_normal,
 lognormal, loss_aware) for a fixed step budget, with the same seeds for every strategy (default
-0, 1, 2), evaluating the EMA model every ``train.eval_every`` steps with the digits evaluator
-(digits-FID, class accuracy; ``speed.evaluate.digits_metrics`` through the training loop's own
-periodic evaluation). Then, per strategy, with ``speed.experiments`` (the code the Tune ablations
-use):
+0, 1, 2), evaluating the EMA model every ``train.eval_every`` steps with the dataset's own evaluator
+(``fid_<dataset>`` and class accuracy from a small classifier trained on the dataset being trained,
+against its held-out split: ``speed.evaluate.dataset_fid`` through the training loop's own periodic
+evaluation). Then, per strategy, with ``speed.experiments`` (the code the Tune ablations use):
 
-- the digits-FID (and class-accuracy) curve, seed mean with its min-max band;
-- the steps needed to reach the uniform baseline's final digits-FID, and the speed-up = baseline
+- the ``fid_<dataset>`` (and class-accuracy) curve, seed mean with its min-max band;
+- the steps needed to reach the uniform baseline's final FID, and the speed-up = baseline
   steps / strategy steps, seed by seed against the uniform run of the same seed, summarised as
   ``speedup`` (of the seed-mean curves) with ``speedup_min``/``speedup_max`` over seeds;
   ``speedup`` is null where the target is never reached within the budget (see
@@ -21,13 +21,19 @@ How the trials run: in-process, one after the other, with ``speed.train.loop.tra
 on a small machine that is simpler and faster than a Tune experiment (no actor start-up per
 trial), and the numbers are the same code path (Trainer, EMA, periodic evaluation). The same grid
 through Ray Tune is ``python -m ray_jobs.tune -c configs/ablations/digits_strategies.yaml``.
-Each run lives in ``<run.output_uri>/speedup[-quick]/<trial>`` with its checkpoints, so an
-interrupted benchmark rerun with the same arguments resumes its runs and skips finished ones.
+Each run lives in ``<run.output_uri>/speedup[-quick]/<trial>`` with its checkpoints and the
+fingerprint of its resolved config (``speed.experiments.fingerprint``: data and a digest of the
+images loaded, model, strategy, budget, evaluation, seed), so an interrupted benchmark rerun with
+the same arguments resumes its runs and skips finished ones; a run made with another config (say,
+on another dataset) is never reused: the benchmark stops before training and names the keys that
+differ (point ``run.output_uri`` at a fresh folder).
 
-Data: the embedded digits by default; ``data.format=imagefolder data.uri=PATH`` (plus
-``data.resolution``/``data.channels``) trains on any local or s3:// imagefolder, loaded into
-memory (small datasets; larger ones belong on the Tune path, which streams with Ray Data). The
-digits evaluator judges samples as 8x8 grey digits, so its numbers mean most on digit-like data.
+Data: the embedded digits by default; ``data.format=patches`` (the built-in crops of natural
+photographs, 16x16 RGB: add ``data.resolution=16 data.channels=3``), or ``data.format=imagefolder
+data.uri=PATH`` (plus ``data.resolution``/``data.channels``) trains on any local or s3://
+imagefolder, loaded into memory (small datasets; larger ones belong on the Tune path, which
+streams with Ray Data). Each dataset gets its own evaluator and metric name (``fid_digits``,
+``fid_patches``, ``fid_<folder name>``).
 
 Budgets: the full run is the digits recipe (DiT-D/2, batch 64, 1000 steps, EMA evaluated every
 100 steps on 250 samples, DDIM-50) for 8 strategies x 3 seeds: about two hours on a 2-core
@@ -75,6 +81,7 @@ from speed.experiments import (  # noqa: E402
     speedup_summary,
     trial_run_name,
 )
+from speed.experiments.fingerprint import check_run_fingerprint  # noqa: E402
 from speed.experiments.outputs import grouped_curves, timestep_variants  # noqa: E402
 from speed.experiments.plots import plot_curves, plot_timesteps  # noqa: E402
 from speed.experiments.space import SEED_KEY, STRATEGY_KEY  # noqa: E402
@@ -82,8 +89,9 @@ from speed.experiments.space import SEED_KEY, STRATEGY_KEY  # noqa: E402
 BASE_CONFIG = "configs/digits/speed.yaml"
 RUN_FILE = "speedup_run.json"  # a run's accumulated wall time (training + evaluation), over resumes
 BASELINE = "uniform"
-PRIMARY = ("digits_fid", "min")
+PRIMARY_MODE = "min"  # the primary metric is the dataset's FID, fid_<dataset> (primary_metric)
 SECONDARY = ("class_accuracy", "max")
+FRESH_FOLDER = "point run.output_uri at a fresh folder (the runs live under <run.output_uri>/speedup[-quick])"
 FULL = {
     "strategies": None,  # every registry strategy
     "seeds": [0, 1, 2],
@@ -111,15 +119,33 @@ def log(message: str) -> None:
 # --- data ----------------------------------------------------------------------------------------
 
 
+def primary_metric(cfg: Config) -> str:
+    """The FID the training loop logs for this dataset: ``fid_<dataset>``."""
+    from speed.evaluate.dataset_fid import fid_metric_name
+
+    return fid_metric_name(cfg.data)
+
+
+def data_digest(data: Tuple[torch.Tensor, torch.Tensor]) -> str:
+    """SHA-256 of the images and labels as loaded (part of each run's fingerprint)."""
+    import hashlib
+
+    images, labels = data
+    digest = hashlib.sha256()
+    digest.update(images.detach().float().contiguous().numpy().tobytes())
+    digest.update(labels.detach().long().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_dataset(cfg: Config) -> Tuple[torch.Tensor, torch.Tensor]:
     """(images float [N, C, R, R] in [-1, 1], labels [N]) held in memory."""
-    if cfg.data.format == "digits":
-        from speed.data.digits import load_digits
+    from speed.data.builtin import is_builtin, load_builtin
 
-        return load_digits(cfg.data.resolution, cfg.data.channels)
+    if is_builtin(cfg.data.format):
+        return load_builtin(cfg.data.format, cfg.data.resolution, cfg.data.channels)
     if cfg.data.format != "imagefolder":
         raise ConfigError(
-            f"data.format={cfg.data.format}: the in-process benchmark reads digits or an imagefolder; run other "
+            f"data.format={cfg.data.format}: the in-process benchmark reads digits, patches or an imagefolder; run other "
             "formats through Ray Tune (python -m ray_jobs.tune -c configs/ablations/digits_strategies.yaml ...)"
         )
     import numpy as np
@@ -149,9 +175,21 @@ def load_dataset(cfg: Config) -> Tuple[torch.Tensor, torch.Tensor]:
 # --- one trial -----------------------------------------------------------------------------------
 
 
-def run_trial(cfg: Config, data: Tuple[torch.Tensor, torch.Tensor], progress: bool = False) -> Dict[str, Any]:
-    """Train one config in-process (resuming its run if an earlier benchmark was interrupted);
-    returns {"history": [...], "wall_s": seconds of this call, "resumed_from": step}."""
+def check_trial(cfg: Config, digest: str, write: bool = True) -> None:
+    """Stop (FingerprintMismatch, naming the differing keys) when the trial's run folder holds the
+    results of another config; otherwise record this config's fingerprint there (``write``)."""
+    from speed.train.run_layout import RunLayout
+
+    layout = RunLayout.for_run(cfg.run, cfg.storage)
+    has_results = bool(layout.checkpoints() or layout.metrics_parts() or storage.exists(layout.path(RUN_FILE)))
+    check_run_fingerprint(layout.root, cfg, has_results=has_results, extra={"data.content_sha256": digest},
+                          storage_cfg=cfg.storage, fix=FRESH_FOLDER, write=write)
+
+
+def run_trial(cfg: Config, data: Tuple[torch.Tensor, torch.Tensor], progress: bool = False,
+              digest: Optional[str] = None) -> Dict[str, Any]:
+    """Train one config in-process (resuming its run if an earlier benchmark was interrupted and
+    its fingerprint matches); returns {"history": [...], "wall_s": seconds of this call, "resumed_from": step}."""
     from speed.models.export import WEIGHTS_NAME
     from speed.train import loop
     from speed.train.checkpoint import latest_complete_checkpoint
@@ -159,6 +197,7 @@ def run_trial(cfg: Config, data: Tuple[torch.Tensor, torch.Tensor], progress: bo
     from speed.train.run_layout import RunLayout
     from speed.train.sources import IndexedSource, LocalReporter
 
+    check_trial(cfg, digest or data_digest(data))
     layout = RunLayout.for_run(cfg.run, cfg.storage)
     wall_uri = layout.path(RUN_FILE)
     wall = json.loads(storage.read_text(wall_uri))["wall_s"] if storage.exists(wall_uri) else 0.0
@@ -217,19 +256,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     data = load_dataset(cfg)
+    digest = data_digest(data)
+    metric = primary_metric(cfg)
     runs_root = storage.join(cfg.run.output_uri, name)
     log(f"{len(trials)} runs ({', '.join(strategies)} x seeds {seeds}), {cfg.train.steps} steps each, "
-        f"model {cfg.model.name}, {len(data[1])} images; runs under {runs_root}")
+        f"model {cfg.model.name}, {len(data[1])} images ({cfg.data.format}), metric {metric}; runs under {runs_root}")
+    trial_cfgs = [apply_overrides(cfg, {**values, "run.name": trial_run_name(index, values), "run.output_uri": runs_root})
+                  for index, values in enumerate(trials)]
+    try:  # every earlier run must belong to this config before anything trains
+        for trial_cfg in trial_cfgs:
+            check_trial(trial_cfg, digest, write=False)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     started = time.time()
     records: List[TrialRecord] = []
-    for index, values in enumerate(trials):
-        run_name = trial_run_name(index, values)
-        trial_cfg = apply_overrides(cfg, {**values, "run.name": run_name, "run.output_uri": runs_root})
+    for index, (values, trial_cfg) in enumerate(zip(trials, trial_cfgs)):
+        run_name = trial_cfg.run.name
         log(f"run {index + 1}/{len(trials)}: {run_name}")
-        out = run_trial(trial_cfg, data, progress=args.progress)
-        fid = metric_curve(out["history"], PRIMARY[0])
+        out = run_trial(trial_cfg, data, progress=args.progress, digest=digest)
+        fid = metric_curve(out["history"], metric)
         log(f"  done ({out['wall_s']:.0f}s of training and evaluation); "
-            f"{PRIMARY[0]} {' '.join(f'{s}:{v:.2f}' for s, v in fid)}")
+            f"{metric} {' '.join(f'{s}:{v:.2f}' for s, v in fid)}")
         records.append(TrialRecord(
             name=run_name, overrides=values, strategy=values[STRATEGY_KEY], seed=values[SEED_KEY],
             history=out["history"], status="done", wall_s=out["wall_s"],
@@ -245,26 +293,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def summarize(records: Sequence[TrialRecord], cfg: Config, strategies: Sequence[str], seeds: Sequence[int],
               args, wall_s: float) -> Dict[str, Any]:
+    primary_name = primary_metric(cfg)
     by_strategy: Dict[str, Dict[str, Dict[int, list]]] = {}
-    for metric, _ in (PRIMARY, SECONDARY):
+    for metric, _ in ((primary_name, PRIMARY_MODE), SECONDARY):
         curves: Dict[str, Dict[int, list]] = {s: {} for s in strategies}
         for r in records:
             curves[r.strategy][r.seed] = metric_curve(r.history, metric)
         by_strategy[metric] = curves
-    primary = speedup_summary(by_strategy[PRIMARY[0]], baseline=BASELINE, mode=PRIMARY[1])
+    primary = speedup_summary(by_strategy[primary_name], baseline=BASELINE, mode=PRIMARY_MODE)
     secondary = speedup_summary(by_strategy[SECONDARY[0]], baseline=BASELINE, mode=SECONDARY[1])
     entries = {}
     for name in strategies:
         entry = dict(primary[name])
-        entry["metric"] = PRIMARY[0]
+        entry["metric"] = primary_name
         entry[SECONDARY[0]] = {k: v for k, v in secondary[name].items()}
         entries[name] = entry
     return {
         "benchmark": "speedup",
         "quick": bool(args.quick),
         "command": "python -m benchmarks.speedup " + " ".join(sys.argv[1:] if args is not None else []),
-        "metric": PRIMARY[0],
-        "mode": PRIMARY[1],
+        "metric": primary_name,
+        "mode": PRIMARY_MODE,
         "baseline": BASELINE,
         "seeds": list(seeds),
         "steps": cfg.train.steps,
@@ -334,14 +383,15 @@ def render_markdown(report: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> s
 
 def write_outputs(report: Dict[str, Any], records: Sequence[TrialRecord], cfg: Config, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    rows = build_rows(records, PRIMARY[0], PRIMARY[1], baseline=BASELINE)
+    metric = primary_metric(cfg)
+    rows = build_rows(records, metric, PRIMARY_MODE, baseline=BASELINE)
     (out / "speedup.json").write_text(json.dumps(report, indent=1, sort_keys=False, default=str) + "\n")
     (out / "speedup.md").write_text(render_markdown(report, rows))
-    targets = {m: report["strategies"][BASELINE].get("target") if m == PRIMARY[0]
-               else report["strategies"][BASELINE][SECONDARY[0]].get("target") for m in (PRIMARY[0], SECONDARY[0])}
+    targets = {metric: report["strategies"][BASELINE].get("target"),
+               SECONDARY[0]: report["strategies"][BASELINE][SECONDARY[0]].get("target")}
     title = f"{report['model']}, {report['steps']} steps, seeds {report['seeds']}"
     (out / "speedup.png").write_bytes(plot_curves(
-        [(PRIMARY[0], grouped_curves(records, PRIMARY[0])), (SECONDARY[0], grouped_curves(records, SECONDARY[0]))],
+        [(metric, grouped_curves(records, metric)), (SECONDARY[0], grouped_curves(records, SECONDARY[0]))],
         title=title, targets=targets,
     ))
     (out / "speedup_timesteps.png").write_bytes(plot_timesteps(timestep_variants(records, cfg), title="timestep strategies"))

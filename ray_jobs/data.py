@@ -1,13 +1,20 @@
-"""Ray Data pipelines that stream training data from object storage into Ray Train workers.
+"""Ray Data wiring that streams training data from object storage into Ray Train workers.
+
+Only the wiring lives here (read -> map_batches with ``speed.data.records`` functions -> the
+trainer's local shuffle); the record-level work (decode and crop per format, the bad-record
+policy, latent orientation, catalog and epoch planning) is plain functions in ``speed.data``.
 
 ``build_train_dataset(cfg, seed=..., epoch=..., skip_images=..., num_epochs=...)`` returns
 ``num_epochs`` consecutive epochs (default one) of ``data.format`` (imagefolder | parquet |
-latents) as one ``ray.data.Dataset``: files are read in a seeded per-epoch order (a file-level
-shuffle), decoded and preprocessed in parallel Ray tasks of ``data.read_cpus`` CPUs each, and fed
-to the trainer, which adds a local shuffle buffer
-(``iter_torch_batches(local_shuffle_buffer_size=data.shuffle_buffer)``). Rows:
+webdataset | latents) as one ``ray.data.Dataset``: files are read in a seeded per-epoch order (a
+file-level shuffle), decoded and preprocessed in parallel Ray tasks of ``data.read_cpus`` CPUs
+each, and fed to the trainer, which adds a local shuffle buffer
+(``iter_torch_batches(local_shuffle_buffer_size=data.shuffle_buffer)``). Readers: imagefolder
+files are fetched by the decode tasks themselves from the catalog's file list (no listing at
+start); Parquet through ``read_parquet``; WebDataset tar shards through
+``read_webdataset(decoder=None)``; latents through ``read_parquet``. Rows:
 
-* imagefolder / parquet: ``image`` float32 [C, R, R] in [-1, 1], ``label`` int64;
+* imagefolder / parquet / webdataset: ``image`` float32 [C, R, R] in [-1, 1], ``label`` int64;
 * latents: ``latent_mean`` / ``latent_std`` float16 [4, R/8, R/8] (orientation already chosen),
   ``label`` int64; the trainer draws ``speed.data.latents.sample_latents(mean, std, None,
   data.latent_scale, generator)`` for each batch.
@@ -15,11 +22,14 @@ to the trainer, which adds a local shuffle buffer
 The digits format lives in memory and never goes through Ray Data: use
 ``speed.data.digits.load_digits`` and ``digits_batch_indices``.
 
+The catalog (file list, labels, sizes) is ``speed.data.catalog.load_catalog``: read from beside
+the data while the prefix is unchanged, rebuilt (and logged as such) otherwise; see docs/data.md.
+
 Resume, and its limits. Open-source Ray Data has no mid-epoch iterator state, so a resumed run
 rebuilds the epoch with ``skip_images`` (images already consumed in this epoch) and the pipeline
 drops the epoch's leading *files* that lie wholly within them:
 
-* imagefolder files are single images, so the skip is exact to the image; Parquet and latent
+* imagefolder files are single images, so the skip is exact to the image; Parquet, tar and latent
   shards are skipped only when all their rows were consumed, and a partly consumed shard is read
   again from its start (at most one shard of replay);
 * "consumed" is counted by the trainer, while Ray Data reads ahead: with ``ingest_options()``
@@ -40,9 +50,9 @@ Dataset for the whole run (as Ray Train does) should build it with
 Bad input. With ``data.on_error=skip`` each decode task drops unreadable items and reports them to
 one named actor, which logs the first ``data.max_logged_errors`` in full and then only counts;
 ``bad_input_report()`` returns the tally for the trainer to log. With ``raise`` the task fails
-with the file's URI in the message. Labels out of range and latent rows of the wrong shape always
-stop the run. Ray Data wraps such failures in its own exception; ``data_error(exc)`` recovers the
-one-line message.
+with the file's URI (and, for shards, the row or sample key) in the message. Labels out of range
+and latent rows of the wrong shape always stop the run. Ray Data wraps such failures in its own
+exception; ``data_error(exc)`` recovers the one-line message.
 """
 
 from __future__ import annotations
@@ -58,9 +68,10 @@ import ray
 
 from speed import storage
 from speed.config.schema import Config
-from speed.data.batches import BadInput, decode_image_batch, decode_latent_batch
-from speed.data.catalog import DatasetCatalog, EpochPlan, image_bytes_column, plan_epoch, scan_dataset
-from speed.data.digits import DIGITS_NUM_CLASSES, DIGITS_NUM_IMAGES
+from speed.data import records
+from speed.data.batches import BadInput
+from speed.data.catalog import DatasetCatalog, EpochPlan, load_catalog, plan_epoch
+from speed.data.builtin import builtin_num_classes, builtin_num_images, is_builtin
 from speed.data.latents import LATENT_COLUMNS
 
 log = logging.getLogger("speed.data")
@@ -167,7 +178,7 @@ def _catalog_key(cfg: Config) -> Tuple:
     data, settings = cfg.data, storage.s3_settings(cfg.storage)
     return (
         data.format, data.uri, data.class_index_uri, data.image_column, data.label_column, data.on_error,
-        data.resolution, data.channels, cfg.model.num_classes, settings.endpoint_url, settings.region,
+        data.split, data.resolution, data.channels, cfg.model.num_classes, settings.endpoint_url, settings.region,
         settings.path_style,
     )
 
@@ -176,17 +187,21 @@ def preflight_data(cfg: Config) -> Dict[str, Any]:
     """Check, before any cluster work, that ``data.uri`` is reachable and holds a usable dataset.
 
     Raises speed.storage.StorageError (endpoint, credentials, bucket, empty prefix) or ValueError
-    (layout: class folders, class index, Parquet columns, latent shapes, label range). Returns a
-    summary: format, uri, images, files, classes, bad_files.
+    (layout: class folders, class index, Parquet columns, shards, latent shapes, label range).
+    Returns a summary: format, uri, images, files, classes, bad_files, catalog (reused | updated |
+    built | scanned) and catalog_s (seconds to get it).
     """
     data = cfg.data
-    if data.format == "digits":
-        return {"format": "digits", "uri": None, "images": DIGITS_NUM_IMAGES, "files": 0,
-                "classes": DIGITS_NUM_CLASSES, "bad_files": 0}
-    storage.preflight(data.uri, cfg.storage, key="data.uri", nonempty=True)
+    if is_builtin(data.format):
+        return {"format": data.format, "uri": None, "images": builtin_num_images(data.format), "files": 0,
+                "classes": builtin_num_classes(data.format), "bad_files": 0}
+    from speed.data.catalog import pattern_base
+
+    storage.preflight(pattern_base(data.uri), cfg.storage, key="data.uri", nonempty=True)
     if data.class_index_uri:
         storage.preflight(data.class_index_uri, cfg.storage, key="data.class_index_uri")
-    found = scan_dataset(data, cfg.storage, num_classes=cfg.model.num_classes)
+    loaded = load_catalog(data, cfg.storage, num_classes=cfg.model.num_classes)
+    found = loaded.catalog
     _catalogs[_catalog_key(cfg)] = found
     summary = {
         "format": found.format,
@@ -195,9 +210,17 @@ def preflight_data(cfg: Config) -> Dict[str, Any]:
         "files": len(found.files),
         "classes": found.num_classes_found,
         "bad_files": len(found.bad_files),
+        "catalog": loaded.status,
+        "catalog_s": round(loaded.seconds, 2),
     }
+    where = f" at {loaded.location}" if loaded.location else ""
+    if loaded.status == "reused":
+        log.info("data.catalog: reused the catalog%s (%s)", where, loaded.reason)
+    else:
+        log.info("data.catalog: %s the catalog%s in %.1f s (%s)", loaded.status, where, loaded.seconds, loaded.reason)
     print(f"data: {found.num_images} images in {len(found.files)} files, {found.num_classes_found} classes "
-          f"({found.format}, {found.uri})", file=sys.stderr, flush=True)
+          f"({found.format}, {found.uri}); catalog {loaded.status} in {loaded.seconds:.1f} s", file=sys.stderr,
+          flush=True)
     return summary
 
 
@@ -211,15 +234,15 @@ def dataset_catalog(cfg: Config, refresh: bool = False) -> DatasetCatalog:
 
 def dataset_size(cfg: Config) -> int:
     """Images per epoch (files the pipeline will try, including any it may drop as bad)."""
-    if cfg.data.format == "digits":
-        return DIGITS_NUM_IMAGES
+    if is_builtin(cfg.data.format):
+        return builtin_num_images(cfg.data.format)
     return dataset_catalog(cfg).num_images
 
 
 def num_classes_found(cfg: Config) -> int:
     """Distinct classes present in the data (class folders, distinct labels, or as encoded)."""
-    if cfg.data.format == "digits":
-        return DIGITS_NUM_CLASSES
+    if is_builtin(cfg.data.format):
+        return builtin_num_classes(cfg.data.format)
     return dataset_catalog(cfg).num_classes_found
 
 
@@ -237,72 +260,46 @@ def ingest_options():
     return options
 
 
-# --- decode maps (run in Ray Data tasks) ---------------------------------------------------------
+# --- decode maps (run in Ray Data tasks): speed.data.records does the work ----------------------
 
 
-def _relative(path: str, root: str) -> str:
-    return path[len(root) :].lstrip("/") if path.startswith(root) else path
-
-
-def _decode_imagefolder(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any], tally) -> Dict[str, np.ndarray]:
-    relative = [_relative(str(p), spec["root"]) for p in batch["path"]]
-    labels = [spec["class_to_label"][r.split("/", 1)[0]] for r in relative]
-    sources = [storage.join(spec["uri"], r) for r in relative]
-    out, bad = decode_image_batch(
-        list(batch["bytes"]), labels, sources, relative,
-        resolution=spec["resolution"], channels=spec["channels"], random_flip=spec["random_flip"],
-        seed=spec["seed"], epoch=spec["epoch"], on_error=spec["on_error"], num_classes=spec["num_classes"],
-    )
+def _decode_imagefolder(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any], storage_cfg, tally) -> Dict[str, np.ndarray]:
+    decode = records.DecodeSpec(**spec)
+    fs, _ = storage.filesystem(decode.uri, storage_cfg)
+    relatives = [str(r) for r in batch["file"]]
+    out, bad = records.imagefolder_records(relatives, records.fetch_files(fs, decode.root, relatives), decode)
     _report_bad(tally, bad)
     return out
 
 
 def _decode_parquet(table: pa.Table, *, spec: Dict[str, Any], tally) -> Dict[str, np.ndarray]:
-    column = table.column(spec["image_column"])
-    blobs = image_bytes_column(column).to_pylist()
-    names = None
-    if pa.types.is_struct(column.type) and "path" in [f.name for f in column.type]:
-        names = column.combine_chunks().field("path").to_pylist()
-    labels = table.column(spec["label_column"]).to_pylist()
-    files = [storage.join(spec["uri"], _relative(str(p), spec["root"])) for p in table.column("path").to_pylist()]
-    sources = [
-        f"{file} (image '{names[i]}')" if names and names[i] else f"{file} (a row labelled {labels[i]})"
-        for i, file in enumerate(files)
-    ]
-    out, bad = decode_image_batch(
-        blobs, labels, sources, None,
-        resolution=spec["resolution"], channels=spec["channels"], random_flip=spec["random_flip"],
-        seed=spec["seed"], epoch=spec["epoch"], on_error=spec["on_error"], num_classes=spec["num_classes"],
-    )
+    out, bad = records.parquet_records(table, records.DecodeSpec(**spec))
+    _report_bad(tally, bad)
+    return out
+
+
+def _decode_webdataset(batch, *, spec: Dict[str, Any], tally) -> Dict[str, np.ndarray]:
+    out, bad = records.webdataset_records(batch, records.DecodeSpec(**spec))
     _report_bad(tally, bad)
     return out
 
 
 def _decode_latents(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    return decode_latent_batch(
-        [str(k) for k in batch["key"]], batch["label"], list(batch["latent_mean"]), list(batch["latent_std"]),
-        latent_shape=spec["latent_shape"], random_flip=spec["random_flip"], seed=spec["seed"],
-        epoch=spec["epoch"], num_classes=spec["num_classes"],
-    )
+    return records.latent_records(batch, records.DecodeSpec(**spec))
 
 
 # --- the training dataset ------------------------------------------------------------------------
 
 
+def _without_secrets(storage_cfg):
+    """Tasks get credentials from their environment, never through their arguments."""
+    import dataclasses
+
+    return dataclasses.replace(storage_cfg, access_key_id=None, secret_access_key=None)
+
+
 def _read_tasks(num_files: int) -> int:
     return max(min(num_files, MIN_READ_TASKS), math.ceil(num_files / FILES_PER_READ_TASK))
-
-
-def _pixel_spec(cfg: Config, catalog: DatasetCatalog, seed: int, epoch: int) -> Dict[str, Any]:
-    data = cfg.data
-    if data.channels not in (1, 3):
-        raise ValueError(f"data.channels={data.channels} is not valid for {data.format} images; use 1 or 3")
-    return {
-        "uri": catalog.uri, "root": catalog.root, "resolution": data.resolution, "channels": data.channels,
-        "random_flip": bool(data.random_flip), "seed": int(seed), "epoch": int(epoch), "on_error": data.on_error,
-        "num_classes": cfg.model.num_classes, "class_to_label": catalog.class_to_label,
-        "image_column": data.image_column, "label_column": data.label_column,
-    }
 
 
 def _epoch_dataset(cfg: Config, catalog: DatasetCatalog, seed: int, epoch: int, skip_images: int, tally) -> "ray.data.Dataset":
@@ -314,36 +311,34 @@ def _epoch_dataset(cfg: Config, catalog: DatasetCatalog, seed: int, epoch: int, 
     if plan.files_skipped:
         log.info("epoch %d: resuming after %d files (%d images) of '%s'", epoch, plan.files_skipped,
                  plan.images_skipped, catalog.uri)
-    fs, _ = storage.filesystem(data.uri, cfg.storage)
+    fs, _ = storage.filesystem(catalog.uri, cfg.storage)
     paths = [catalog.file_path(relative) for relative in plan.files]
     read_cpus = float(data.read_cpus)
+    spec = records.decode_spec(data, catalog, num_classes=cfg.model.num_classes, seed=seed, epoch=epoch).to_dict()
+    decode = {"batch_size": IMAGE_DECODE_BATCH, "num_cpus": read_cpus}
     if data.format == "latents":
-        spec = {"latent_shape": list(catalog.latent_meta["latent_shape"]), "random_flip": bool(data.random_flip),
-                "seed": int(seed), "epoch": int(epoch), "num_classes": cfg.model.num_classes}
         return ray.data.read_parquet(
             paths, filesystem=fs, num_cpus=read_cpus, override_num_blocks=len(paths),
         ).select_columns(list(LATENT_COLUMNS)).map_batches(
             _decode_latents, fn_kwargs={"spec": spec}, batch_size=LATENT_DECODE_BATCH, batch_format="numpy",
             num_cpus=read_cpus,
         )
-    spec = _pixel_spec(cfg, catalog, seed, epoch)
     if data.format == "imagefolder":
-        from ray.data.datasource.partitioning import Partitioning
-
-        # Directory partitioning lets Ray list the root once instead of probing every file.
-        return ray.data.read_binary_files(
-            paths, include_paths=True, filesystem=fs, num_cpus=read_cpus,
-            partitioning=Partitioning("dir", base_dir=catalog.root, field_names=["wnid"]),
-            override_num_blocks=_read_tasks(len(paths)),
-        ).map_batches(
-            _decode_imagefolder, fn_kwargs={"spec": spec, "tally": tally}, batch_size=IMAGE_DECODE_BATCH,
-            batch_format="numpy", num_cpus=read_cpus,
+        # The catalog's file list, in blocks; the decode tasks fetch the files themselves, so no
+        # start lists the prefix again and a vanished file is one bad record, not a failed read.
+        chunks = np.array_split(np.asarray(plan.files, dtype=object), _read_tasks(len(plan.files)))
+        return ray.data.from_arrow([pa.table({"file": pa.array(list(chunk), pa.string())}) for chunk in chunks]).map_batches(
+            _decode_imagefolder, fn_kwargs={"spec": spec, "storage_cfg": _without_secrets(cfg.storage), "tally": tally},
+            batch_format="numpy", **decode,
         )
+    if data.format == "webdataset":
+        return ray.data.read_webdataset(
+            paths, filesystem=fs, decoder=None, num_cpus=read_cpus, override_num_blocks=len(paths),
+        ).map_batches(_decode_webdataset, fn_kwargs={"spec": spec, "tally": tally}, batch_format="pandas", **decode)
     return ray.data.read_parquet(
         paths, filesystem=fs, include_paths=True, num_cpus=read_cpus, override_num_blocks=len(paths),
     ).select_columns([data.image_column, data.label_column, "path"]).map_batches(
-        _decode_parquet, fn_kwargs={"spec": spec, "tally": tally}, batch_size=IMAGE_DECODE_BATCH,
-        batch_format="pyarrow", num_cpus=read_cpus,
+        _decode_parquet, fn_kwargs={"spec": spec, "tally": tally}, batch_format="pyarrow", **decode,
     )
 
 
@@ -366,10 +361,10 @@ def build_train_dataset(
     own read, so an imagefolder on object storage is listed once per epoch at build time.
     """
     data = cfg.data
-    if data.format == "digits":
+    if is_builtin(data.format):
         raise ValueError(
-            "data.format=digits is served in memory, not by Ray Data: use speed.data.digits.load_digits and "
-            "digits_batch_indices (or set data.format to imagefolder, parquet or latents)"
+            f"data.format={data.format} is served in memory, not by Ray Data: use speed.data.builtin.load_builtin and "
+            "digits_batch_indices (or set data.format to imagefolder, parquet, webdataset or latents)"
         )
     if num_epochs < 1:
         raise ValueError(f"num_epochs={num_epochs} must be >= 1")

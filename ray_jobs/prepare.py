@@ -7,8 +7,18 @@ prepare.task=digits (configs/prepare/digits.yaml)
     ``prepare.channels`` channels, plus ``class_index.json`` ({wnid: label}) beside the images. It
     exercises the ImageNet code path anywhere, without ImageNet.
 
+    ``prepare.format=webdataset`` writes tar shards (``train-000000.tar``: ``<key>.jpg``,
+    ``<key>.cls``, ``<key>.json``).
+
+prepare.task=convert (configs/prepare/convert.yaml)
+    Rewrites the imagefolder, Parquet or WebDataset dataset at ``prepare.source_uri`` in
+    ``prepare.format`` at ``prepare.output_uri``, copying the encoded image bytes unchanged
+    (``prepare.rows_per_shard`` images per Parquet or tar shard). Each shard (or image file) is one
+    atomic write and a rerun skips those that exist, so an interrupted conversion resumes. Bad
+    source records follow ``data.on_error``.
+
 prepare.task=encode (configs/prepare/encode_imagenet.yaml)
-    Encodes the imagefolder or Parquet dataset at ``prepare.source_uri`` with the AutoencoderKL at
+    Encodes the imagefolder, Parquet or WebDataset dataset at ``prepare.source_uri`` with the AutoencoderKL at
     ``vae.path`` into ``latents`` shards at ``prepare.output_uri`` (layout: speed/data/latents.py).
     Ray Data reads and preprocesses the images in CPU tasks and encodes each image and its mirror
     image in a pool of ``prepare.num_actors`` actors (``prepare.num_gpus_per_actor`` GPUs each;
@@ -30,6 +40,7 @@ import logging
 import math
 import posixpath
 import sys
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -129,8 +140,25 @@ def write_digits(
             for _ in pool.map(write_shard, range(len(groups))):
                 bar.update(1)
         files = len(groups)
+    elif format == "webdataset":
+        from speed.data.webdataset import sample_members, tar_bytes
+
+        groups = [g for g in np.array_split(chosen, num_shards) if g.size]
+
+        def write_tar(shard: int) -> None:
+            members = []
+            for i in groups[shard]:
+                wnid = digits_wnid(int(labels[i]))
+                members += sample_members(f"{wnid}_{i:05d}", encode_image(pixels[i], "JPEG"), int(labels[i]), "jpg",
+                                          {"wnid": wnid})
+            storage.write_bytes(storage.join(out, f"train-{shard:06d}.tar"), tar_bytes(members), storage_cfg)
+
+        with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool, _progress(len(groups), "shard", "digits") as bar:
+            for _ in pool.map(write_tar, range(len(groups))):
+                bar.update(1)
+        files = len(groups)
     else:
-        raise ConfigError(f"prepare.format={format!r} is not valid; choose imagefolder or parquet")
+        raise ConfigError(f"prepare.format={format!r} is not valid; choose imagefolder, parquet or webdataset")
     index_uri = storage.join(out, CLASS_INDEX_NAME)
     storage.write_text(index_uri, json.dumps(class_index, indent=1, sort_keys=True), storage_cfg)
     return {"uri": out, "format": format, "images": int(len(chosen)), "skipped": 0, "files": files,
@@ -161,21 +189,26 @@ def _source_data_config(cfg: Config) -> DataConfig:
         image_column=cfg.data.image_column,
         label_column=cfg.data.label_column,
         max_logged_errors=cfg.data.max_logged_errors,
+        split=cfg.data.split,
     )
 
 
 def _source_items(catalog: DatasetCatalog) -> List[Tuple[str, int, str, int]]:
     """(key, label, file, row) for every source image, in a deterministic order (row -1: whole file).
 
-    Labels that are missing in a Parquet source become -1 and are reported as bad items.
+    Labels that are missing in a Parquet or WebDataset source become -1 and are reported as bad
+    items. WebDataset keys are ``shard.tar#sample-key``.
     """
     if catalog.format == "imagefolder":
         return [(f, catalog.class_to_label[f.split("/", 1)[0]], f, -1) for f in catalog.files]
     items = []
-    for relative, labels in zip(catalog.files, catalog.file_labels or []):
-        for row, label in enumerate(labels.tolist()):
+    keys = catalog.file_keys if catalog.format == "webdataset" else None
+    for index, (relative, labels) in enumerate(zip(catalog.files, catalog.file_labels or [])):
+        values = labels.tolist() if isinstance(labels, np.ndarray) else list(labels)
+        for row, label in enumerate(values):
             label = -1 if label is None or (isinstance(label, float) and math.isnan(label)) else int(label)
-            items.append((f"{relative}#{row}", label, relative, row))
+            name = f"{relative}#{keys[index][row]}" if keys else f"{relative}#{row}"
+            items.append((name, label, relative, row))
     return items
 
 
@@ -234,6 +267,21 @@ def _fetch_blobs(spec: Dict[str, Any], items: List[List[Any]]) -> List[Optional[
     by_file: Dict[str, List[int]] = {}
     for position, item in enumerate(items):
         by_file.setdefault(item[2], []).append(position)
+    if spec["format"] == "webdataset":
+        from speed.data.webdataset import image_member, iter_samples
+
+        for relative, positions in by_file.items():
+            wanted = {items[i][0].rsplit("#", 1)[1]: i for i in positions}
+            try:
+                with fs.open_input_stream(posixpath.join(root, relative)) as stream:
+                    for sample in iter_samples(stream):
+                        if sample["__key__"] in wanted:
+                            blobs[wanted.pop(sample["__key__"])] = image_member(sample)[1]
+                        if not wanted:
+                            break
+            except (OSError, EOFError, tarfile.TarError):
+                pass  # the samples not reached stay None and are reported as bad
+        return blobs
     for relative, positions in by_file.items():
         rows = [items[i][3] for i in positions]
         first, last = min(rows), max(rows)
@@ -410,7 +458,7 @@ def prepare_encode(cfg: Config) -> Dict[str, Any]:
             for start in range(0, len(group), FETCH_CHUNK):
                 chunks.append({"items": json.dumps(group[start : start + FETCH_CHUNK])})
         spec = {
-            "uri": source_data.uri, "format": source_data.format, "storage": cfg.storage,
+            "uri": catalog.uri, "format": source_data.format, "storage": cfg.storage,
             "resolution": p.resolution, "on_error": source_data.on_error, "image_column": source_data.image_column,
         }
         use_gpu = p.num_gpus_per_actor > 0
@@ -479,12 +527,156 @@ def _write_shard(out: str, shard: int, num_shards: int, parts: List[Dict[str, np
     return int(len(keep))
 
 
+# --- convert: one format into another, image bytes unchanged ----------------------------------------
+
+
+def _image_extension(blob: bytes) -> str:
+    if blob[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if blob[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if blob[:4] == b"RIFF" and blob[8:12] == b"WEBP":
+        return "webp"
+    return "jpg"
+
+
+def _output_name(item: Tuple[str, int, str, int], label: int, index: int, wnids: Dict[int, str]) -> str:
+    """A sample's name in the output: the source's own for imagefolder items, else wnid_index."""
+    if item[3] < 0:  # an imagefolder file: wnid/name.JPEG
+        return posixpath.splitext(item[0].split("/", 1)[1])[0]
+    return f"{wnids[label]}_{index:08d}"
+
+
+def _convert_shard(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Read one output shard's source items and write it whole (one atomic write per object)."""
+    job = json.loads(batch["job"][0])
+    items = [tuple(item) for item in job["items"]]
+    blobs = _fetch_blobs(spec, [list(item) for item in items])
+    out, fmt, storage_cfg = spec["output_uri"], spec["output_format"], spec["storage"]
+    wnids = {int(k): v for k, v in spec["wnids"].items()}
+    kept, errors = [], []
+    for item, index, blob in zip(items, job["indices"], blobs):
+        source = storage.join(spec["uri"], item[0])
+        problem = "missing label" if item[1] < 0 else ("cannot read the file or sample" if not blob else None)
+        if problem:
+            if spec["on_error"] == "raise":
+                raise BadInputError(f"data.on_error=raise: cannot use '{source}' ({problem}); fix or remove it, "
+                                    "or set data.on_error=skip")
+            errors.append(f"{source}: {problem}")
+            continue
+        kept.append((item, index, blob))
+    if fmt == "imagefolder":
+        def put(entry):
+            item, index, blob = entry
+            name = _output_name(item, item[1], index, wnids)
+            extension = "JPEG" if _image_extension(blob) == "jpg" else _image_extension(blob)
+            storage.write_bytes(storage.join(out, wnids[item[1]], f"{name}.{extension}"), blob, storage_cfg)
+
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+            list(pool.map(put, kept))
+    elif fmt == "parquet":
+        names = [f"{_output_name(item, item[1], index, wnids)}.{_image_extension(blob)}" for item, index, blob in kept]
+        image = pa.StructArray.from_arrays(
+            [pa.array([blob for _, _, blob in kept], pa.binary()), pa.array(names, pa.string())], names=["bytes", "path"])
+        table = pa.table({"image": image, "label": pa.array([item[1] for item, _, _ in kept], pa.int64())})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, row_group_size=256)
+        storage.write_bytes(storage.join(out, job["name"]), buffer.getvalue(), storage_cfg)
+    else:
+        from speed.data.webdataset import sample_members, tar_bytes
+
+        members = []
+        for item, index, blob in kept:
+            key = _output_name(item, item[1], index, wnids)
+            members += sample_members(key, blob, item[1], _image_extension(blob), {"wnid": wnids[item[1]]})
+        storage.write_bytes(storage.join(out, job["name"]), tar_bytes(members), storage_cfg)
+    return {"written": np.asarray([len(kept)], dtype=np.int64), "errors": np.asarray([json.dumps(errors)], dtype=object)}
+
+
+def _convert_jobs(items, output_format: str, rows_per_shard: int, out: str, storage_cfg, wnids) -> Tuple[List[Dict[str, Any]], int]:
+    """The output shards still to write (resume: those that exist are skipped) and the images in
+    the skipped ones. imagefolder output is planned in groups of files, each file skipped alone."""
+    present = {posixpath.relpath(uri, out) if not storage.is_s3(out) else uri[len(out.rstrip("/")) + 1 :]
+               for uri in storage.list_files(out, storage_cfg)}
+    count = max(1, math.ceil(len(items) / rows_per_shard))
+    jobs, skipped = [], 0
+    for shard in range(count):
+        indices = list(range(shard * rows_per_shard, min(len(items), (shard + 1) * rows_per_shard)))
+        if output_format == "imagefolder":
+            todo = []
+            for i in indices:
+                item = items[i]
+                stem = _output_name(item, item[1], i, wnids) if item[1] >= 0 else None
+                if stem is not None and any(f"{wnids[item[1]]}/{stem}.{ext}" in present for ext in ("JPEG", "png", "webp")):
+                    skipped += 1
+                else:
+                    todo.append(i)
+            name = None
+        else:
+            name = (f"part-{shard:05d}-of-{count:05d}.parquet" if output_format == "parquet"
+                    else f"train-{shard:06d}.tar")
+            if name in present:
+                skipped += len(indices)
+                continue
+            todo = indices
+        if todo:
+            jobs.append({"name": name, "indices": todo, "items": [list(items[i]) for i in todo]})
+    return jobs, skipped
+
+
+def prepare_convert(cfg: Config) -> Dict[str, Any]:
+    """prepare.source_uri (prepare.source_format) -> prepare.output_uri (prepare.format), resumable."""
+    import ray
+
+    p = cfg.prepare
+    source = _source_data_config(cfg)
+    out = _require(p.output_uri, "prepare.output_uri", "s3://my-bucket/imagenet-wds")
+    if source.uri.rstrip("/") == out.rstrip("/"):
+        raise ConfigError("prepare.output_uri must differ from prepare.source_uri")
+    from speed.data.catalog import pattern_base
+
+    storage.preflight(pattern_base(source.uri), cfg.storage, key="prepare.source_uri", nonempty=True)
+    storage.preflight(out, cfg.storage, key="prepare.output_uri", must_exist=False, writable=True)
+    catalog = scan_dataset(source, cfg.storage)
+    items = _source_items(catalog)
+    labels = sorted({label for _, label, _, _ in items if label >= 0})
+    by_label = {label: wnid for wnid, label in catalog.class_to_label.items()}
+    wnids = {label: by_label.get(label, digits_wnid(label)) for label in labels}
+    jobs, skipped = _convert_jobs(items, p.format, p.rows_per_shard, out, cfg.storage, wnids)
+    print(f"convert: {len(items)} images from {source.format} to {p.format}; {len(jobs)} shard(s) to write, "
+          f"{skipped} images already written", file=sys.stderr, flush=True)
+    written, bad = 0, 0
+    if jobs:
+        init_ray(cfg)
+        spec = {"uri": catalog.uri, "format": source.format, "storage": cfg.storage, "image_column": source.image_column,
+                "on_error": source.on_error, "output_uri": out, "output_format": p.format,
+                "wnids": {str(k): v for k, v in wnids.items()}}
+        dataset = ray.data.from_items([{"job": json.dumps(job)} for job in jobs], override_num_blocks=len(jobs)).map_batches(
+            _convert_shard, fn_kwargs={"spec": spec}, batch_size=1, num_cpus=cfg.data.read_cpus)
+        with _progress(sum(len(job["indices"]) for job in jobs), "img", "convert") as bar:
+            for batch in _batches_or_data_error(dataset):
+                written += int(batch["written"].sum())
+                for errors in batch["errors"]:
+                    for error in json.loads(errors):
+                        bad += 1
+                        if bad <= cfg.data.max_logged_errors:
+                            log.warning("skipping bad input %s (data.on_error=skip)", error)
+                bar.update(int(batch["written"].sum()))
+    if p.format == "imagefolder":
+        index_uri = storage.join(out, CLASS_INDEX_NAME)
+        storage.write_text(index_uri, json.dumps({w: label for label, w in wnids.items()}, indent=1, sort_keys=True),
+                           cfg.storage)
+    return {"uri": out, "format": p.format, "images": written + skipped, "skipped": skipped, "written": written,
+            "bad": bad}
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
 def _main(argv: List[str]) -> None:
     cfg = load_job_config("prepare", argv, default_config=DEFAULT_CONFIG)
-    result = prepare_digits(cfg) if cfg.prepare.task == "digits" else prepare_encode(cfg)
+    tasks = {"digits": prepare_digits, "convert": prepare_convert, "encode": prepare_encode}
+    result = tasks[cfg.prepare.task](cfg)
     emit("prepare_done", task=cfg.prepare.task, **result)
 
 

@@ -36,7 +36,7 @@ class ClusterCapacity:
 
 def reserved_data_cpus(cfg: Config, capacity: ClusterCapacity) -> float:
     """CPUs kept free for Ray Data while streamed formats train (none for in-memory digits)."""
-    if cfg.data.format == "digits":
+    if cfg.data.format in ("digits", "patches"):  # built in, in memory
         return 0.0
     return max(cfg.data.read_cpus, 1.0) if capacity.total_cpus >= 2 else cfg.data.read_cpus
 
@@ -79,7 +79,7 @@ def plan_cpus_per_worker(cfg: Config, capacity: ClusterCapacity, *, can_grow: bo
         )
     placed = min(high, math.floor(capacity.total_cpus / per + 1e-9))
     free = capacity.total_cpus - placed * per
-    if cfg.data.format != "digits" and free + 1e-9 < cfg.data.read_cpus:
+    if cfg.data.format not in ("digits", "patches") and free + 1e-9 < cfg.data.read_cpus:
         raise ConfigError(
             f"streaming data.format={cfg.data.format} needs {cfg.data.read_cpus:g} CPU per read task "
             f"(data.read_cpus), but {placed} worker(s) x ray.cpus_per_worker={per:g} take {placed * per:g} of the "

@@ -22,6 +22,8 @@ from ray_jobs.resources import cluster_can_grow, cluster_capacity, plan_cpus_per
 from speed import seeding, storage
 from speed.config import Config, config_from_dict, num_workers_range, to_dict
 from speed.models import describe
+from speed.models.blocks import BlockOptions
+from speed.models.registry import BLOCK_OPTION_FIELDS
 from speed.models.export import WEIGHTS_NAME, save_export
 from speed.train.checkpoint import AfterShards, CheckpointError, TrainState, incomplete_reason, latest_complete_checkpoint
 from speed.train.run_layout import RunLayout
@@ -63,6 +65,12 @@ def check_compatible(state: TrainState, cfg: Config, source: str) -> None:
                 f"checkpoint '{source}' was trained with {field}={stored.get(field)}, but this config gives "
                 f"{getattr(expected, field)}; use the checkpoint's data.* settings or a new run.name"
             )
+    stored_objective = stored.get("objective", "ddpm")  # checkpoints from before flow matching are DDPM
+    if stored_objective != cfg.diffusion.objective:
+        raise CheckpointError(
+            f"checkpoint '{source}' was trained with diffusion.objective={stored_objective}, but this config has "
+            f"diffusion.objective={cfg.diffusion.objective}; use the same objective or a new run.name"
+        )
     stored_model = stored.get("model", {})
     for field in ("name", "num_classes", "learn_sigma", "depth", "hidden_size", "num_heads", "mlp_ratio"):
         if stored_model.get(field) != getattr(cfg.model, field):
@@ -70,13 +78,20 @@ def check_compatible(state: TrainState, cfg: Config, source: str) -> None:
                 f"checkpoint '{source}' was trained with model.{field}={stored_model.get(field)!r}, but this "
                 f"config has model.{field}={getattr(cfg.model, field)!r}; use the same model or a new run.name"
             )
+    for field in BLOCK_OPTION_FIELDS:  # resolved from the preset in both descriptions
+        stored_value = stored_model.get(field, getattr(BlockOptions(), field))  # older checkpoints: DiT's blocks
+        if stored_value != expected.model[field]:
+            raise CheckpointError(
+                f"checkpoint '{source}' was trained with model.{field}={stored_value!r}, but this config gives "
+                f"model.{field}={expected.model[field]!r}; use the same model or a new run.name"
+            )
 
 
 def preflight(cfg: Config) -> Tuple[int, Optional[str]]:
     """Every check that can fail before cluster work: storage, data, checkpoints. Returns
     (start_step, checkpoint URI to resume from or None)."""
     storage.preflight(cfg.run.output_uri, cfg.storage, key="run.output_uri", must_exist=False, writable=True)
-    if cfg.data.format != "digits":
+    if cfg.data.format not in ("digits", "patches"):  # the built-in, in-memory datasets
         from ray_jobs.data import preflight_data
 
         preflight_data(cfg)
@@ -116,7 +131,7 @@ def training_datasets(cfg: Config, start_step: int) -> Optional[Dict[str, Any]]:
     A Ray Dataset replays identically on every pass, so it holds all remaining epochs, each with
     its own seeded file order and flips, starting at the files the run has not consumed yet.
     """
-    if cfg.data.format == "digits":
+    if cfg.data.format in ("digits", "patches"):  # built in, served from memory
         return None
     from ray_jobs.data import build_train_dataset, dataset_size, epochs_to_cover
 
@@ -471,10 +486,10 @@ def train_worker(loop_config: Dict[str, Any]) -> None:
     env = current_env()
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    if cfg.data.format == "digits":
-        from speed.data.digits import load_digits
+    if cfg.data.format in ("digits", "patches"):
+        from speed.data.builtin import load_builtin
 
-        images, labels = load_digits(cfg.data.resolution, cfg.data.channels)
+        images, labels = load_builtin(cfg.data.format, cfg.data.resolution, cfg.data.channels)
         source = IndexedSource(images, labels, cfg.run.seed, cfg.train.global_batch_size)
     else:
         source = StreamSource(ray.train.get_dataset_shard("train"), cfg, int(loop_config.get("fit_start_step", 0)))

@@ -2,8 +2,9 @@
 
 The ablation file includes a training config (``include: ../digits/speed.yaml``) and sets the
 ``tune:`` section: ``search_space`` (dotted config key -> values; see speed.experiments.space),
-``metric`` (a metric the training loop logs: ``digits_fid``/``class_accuracy``/``precision``/
-``recall`` from the in-trial evaluation at ``train.eval_every``, or ``loss``/``mse``), ``mode``,
+``metric`` (a metric the training loop logs: ``fid`` (the dataset's own FID, ``fid_<dataset>``,
+e.g. ``fid_digits``; either name works)/``class_accuracy``/``precision``/``recall`` from the
+in-trial evaluation at ``train.eval_every``, or ``loss``/``mse``), ``mode``,
 ``num_samples``, ``scheduler`` (``none`` | ``asha``), ``grace_period`` (ASHA: training steps before
 a trial may be stopped; at least one report of the metric) and ``max_concurrent_trials``.
 
@@ -18,7 +19,9 @@ How it runs (Ray 2.60's pattern):
 - Trials run one at a time by default (``tune.max_concurrent_trials``, lowered to what the
   cluster's CPUs/GPUs can hold), so Train and Data are never starved by the Tune driver.
 - Each trial's training run is named after the trial (``t003-speed-seed1``) and lives under
-  ``<experiment>/runs/``; a restarted trial resumes from its own checkpoints.
+  ``<experiment>/runs/``; a restarted trial resumes from its own checkpoints, and only when its
+  resolved config matches the one the run was started with (``speed.experiments.fingerprint``:
+  a continued experiment whose base config changed stops before any trial, naming the keys).
 - The experiment lives in ``<tune.output_uri or run.output_uri>/<tune.name or the file's stem>``
   (a local folder or s3://). Rerunning the same command continues an interrupted experiment with
   ``Tuner.restore`` (unfinished and errored trials; finished ones are kept).
@@ -47,6 +50,7 @@ from speed import storage
 from speed.config import Config, ConfigError, config_from_dict, load_config, num_workers_range, to_dict
 from speed.config.load import apply_overrides
 from speed.experiments import TrialRecord, check_search_space, num_trials, parse_search_space, trial_run_name
+from speed.experiments.fingerprint import check_run_fingerprint
 from speed.experiments.outputs import render, write_files
 from speed.experiments.space import SEED_KEY, STRATEGY_KEY, Dimension
 from speed.train.run_layout import RunLayout
@@ -54,7 +58,8 @@ from speed.train.run_layout import RunLayout
 log = logging.getLogger("speed.tune")
 
 DEFAULT_ABLATION = "configs/ablations/digits_quick.yaml"
-EVAL_METRICS = ("digits_fid", "class_accuracy", "precision", "recall")
+# From the in-trial evaluation; "fid" stands for the dataset's own fid_<dataset> (resolve_metric).
+EVAL_METRICS = ("fid", "class_accuracy", "precision", "recall")
 TRAIN_METRICS = ("loss", "mse", "vb", "grad_norm", *[f"loss_t{b}" for b in range(10)])
 RUNS_FOLDER = "runs"
 TRIAL_FILE = "tune_trial.json"
@@ -63,6 +68,7 @@ EXPERIMENT_FILE = "experiment.json"
 # refuses an all-zero request ("empty head and zero worker bundles"), so it holds one byte of
 # the memory resource instead.
 DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
+NEW_EXPERIMENT = "set tune.name (or tune.output_uri) to start a new experiment"
 
 
 # --- naming -------------------------------------------------------------------------------------
@@ -101,14 +107,37 @@ def trial_config(base: Config, values: Dict[str, Any], experiment: str, trial_id
 # --- checks before any trial starts --------------------------------------------------------------
 
 
+def resolve_metric(cfg: Config) -> str:
+    """tune.metric with ``fid`` spelled out as the dataset's FID key, ``fid_<dataset>``."""
+    from speed.evaluate.dataset_fid import fid_metric_name
+
+    metric, fid = cfg.tune.metric, fid_metric_name(cfg.data)
+    if metric == "fid":
+        return fid
+    if metric == "digits_fid" or (metric.startswith("fid_") and metric != fid):
+        raise ConfigError(
+            f"tune.metric={metric} is not logged here: the in-trial FID is named after the dataset being trained, "
+            f"{fid} for data.format={cfg.data.format}{' data.uri=' + cfg.data.uri if cfg.data.uri else ''}; "
+            f"set tune.metric=fid (or {fid})"
+        )
+    return metric
+
+
+def with_resolved_metric(cfg: Config) -> Config:
+    metric = resolve_metric(cfg)
+    return cfg if metric == cfg.tune.metric else apply_overrides(cfg, {"tune.metric": metric})
+
+
 def check_metric(cfg: Config) -> None:
-    metric = cfg.tune.metric
-    if metric in EVAL_METRICS:
-        if cfg.eval.feature_extractor != "digits" or cfg.data.format == "latents":
+    from speed.evaluate.dataset_fid import EVAL_FORMATS, fid_metric_name
+
+    metric = resolve_metric(cfg)
+    if metric in EVAL_METRICS or metric == fid_metric_name(cfg.data):
+        if cfg.eval.feature_extractor != "digits" or cfg.data.format not in EVAL_FORMATS:
             raise ConfigError(
-                f"tune.metric={metric} comes from the in-trial digits evaluation, which needs pixel data and "
-                f"eval.feature_extractor=digits (got data.format={cfg.data.format}, "
-                f"eval.feature_extractor={cfg.eval.feature_extractor}); use tune.metric=loss"
+                f"tune.metric={metric} comes from the in-trial evaluation, which trains its classifier on "
+                f"{', '.join(EVAL_FORMATS)} data and needs eval.feature_extractor=digits (got data.format="
+                f"{cfg.data.format}, eval.feature_extractor={cfg.eval.feature_extractor}); use tune.metric=loss"
             )
         if cfg.train.eval_every and cfg.train.eval_every % cfg.train.log_every:
             raise ConfigError(
@@ -124,7 +153,7 @@ def check_metric(cfg: Config) -> None:
 
 def report_interval(cfg: Config) -> int:
     """Steps between reports that carry tune.metric."""
-    if cfg.tune.metric in EVAL_METRICS:
+    if cfg.tune.metric not in TRAIN_METRICS:
         return cfg.train.eval_every or cfg.train.steps
     return cfg.train.log_every
 
@@ -150,6 +179,29 @@ def _experiment_identity(cfg: Config) -> Dict[str, Any]:
     t = cfg.tune
     return {"search_space": t.search_space, "metric": t.metric, "mode": t.mode, "num_samples": t.num_samples,
             "scheduler": t.scheduler}
+
+
+def check_trial_runs(base: Config, experiment: str) -> None:
+    """Before a continued experiment starts any trial: each trial run already in it must match the
+    resolved config its trial would run now (FingerprintMismatch names the keys that differ)."""
+    runs = storage.join(experiment, RUNS_FOLDER)
+    fs, path = storage.filesystem(runs, base.storage)
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return
+    for entry in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        if entry.type != pafs.FileType.Directory:
+            continue
+        run = storage.join(runs, entry.base_name)
+        info_uri = storage.join(run, TRIAL_FILE)
+        if not storage.exists(info_uri, base.storage):
+            continue
+        info = json.loads(storage.read_text(info_uri, base.storage))
+        cfg = trial_config(base, dict(info.get("values") or {}), experiment, str(info.get("trial_id", "")))
+        layout = RunLayout(run, base.storage)
+        check_run_fingerprint(run, cfg, has_results=bool(layout.checkpoints() or layout.metrics_parts()),
+                              storage_cfg=base.storage, fix=NEW_EXPERIMENT, write=False)
 
 
 def _check_same_experiment(cfg: Config, experiment: str) -> None:
@@ -178,7 +230,11 @@ def _trial_driver(config: Dict[str, Any], base: Optional[Dict[str, Any]] = None,
     base_cfg = config_from_dict(base)
     cfg = trial_config(base_cfg, dict(config), experiment, trial_id)
     started = time.time()
-    info_uri = run_layout(cfg).path(TRIAL_FILE)
+    layout = run_layout(cfg)
+    # A trial's run is resumed only when its resolved config matches the one it was started with.
+    check_run_fingerprint(layout.root, cfg, has_results=bool(layout.checkpoints() or layout.metrics_parts()),
+                          storage_cfg=cfg.storage, fix=NEW_EXPERIMENT)
+    info_uri = layout.path(TRIAL_FILE)
     info = {"trial_id": trial_id, "values": dict(config), "wall_s": 0.0, "attempts": 0}
     if storage.exists(info_uri, cfg.storage):
         info.update(json.loads(storage.read_text(info_uri, cfg.storage)))
@@ -273,6 +329,7 @@ def run_experiment(cfg: Config, name: str, callbacks: Sequence[Any] = ()) -> Dic
     """
     from ray import tune
 
+    cfg = with_resolved_metric(cfg)  # tune.metric=fid -> fid_<dataset>, everywhere below
     dims = parse_search_space(cfg.tune.search_space)
     check_search_space(cfg, dims)
     check_metric(cfg)
@@ -284,6 +341,7 @@ def run_experiment(cfg: Config, name: str, callbacks: Sequence[Any] = ()) -> Dic
     restoring = tune.Tuner.can_restore(path, storage_filesystem=fs)
     if restoring:
         _check_same_experiment(cfg, experiment)
+        check_trial_runs(_base_for_trials(cfg), experiment)
     scheduler = _scheduler(cfg)
     init_ray(cfg)
     # Sized like each trial's TorchTrainer (after Ray is connected); fails before anything is written.

@@ -8,6 +8,7 @@ stream cannot shift another one, and a resumed run draws exactly what an uninter
 Streams in use (name: key):
   timesteps: step         the global batch's timesteps (CPU generator)
   noise: step             the global batch's noise and label-dropout mask (device generator)
+  routing: step           the global batch's kept tokens under model.routing (CPU generator)
   latents: step, offset   a rank's posterior sample of pre-encoded latents
   epoch-order: epoch      the order of the data set's items in one epoch
   flip: epoch, item key   one horizontal-flip coin per item

@@ -208,3 +208,72 @@ def test_preflight_catches_layout_problems(s3_bucket, tmp_path):
     assert preflight_data(_cfg())["images"] == 1797  # digits: nothing to check remotely
     with pytest.raises(ValueError, match="digits is served in memory"):
         build_train_dataset(_cfg(), seed=0)
+
+
+def test_webdataset_and_hugging_face_parquet_stream_with_bad_records_counted(ray_session, s3_bucket):
+    from speed.data.webdataset import sample_members, tar_bytes
+
+    uri = f"{s3_bucket}/digits-wds"
+    prepare.write_digits(uri, format="webdataset", image_size=16, channels=3, num_shards=3, indices=range(30))
+    storage.write_bytes(f"{uri}/train-000003.tar", tar_bytes([
+        *sample_members("n00000001_bad", b"\xff\xd8 not a JPEG", 1),
+        ("n00000002_nolabel.jpg", _jpeg(np.full((16, 16, 3), 9, np.uint8))),
+    ]))
+    cfg = _cfg("data.format=webdataset", f"data.uri={uri}", "data.resolution=16", "data.channels=3")
+    summary = preflight_data(cfg)
+    assert summary["images"] == 32 and summary["files"] == 4 and summary["catalog"] == "built"
+    assert preflight_data(cfg)["catalog"] == "reused"
+    bad_input_report(reset=True)
+    dataset = build_train_dataset(cfg, seed=1, epoch=0, skip_images=0)
+    labels = []
+    for batch in dataset.iter_torch_batches(batch_size=8, local_shuffle_buffer_size=cfg.data.shuffle_buffer):
+        assert batch["image"].dtype == torch.float32 and batch["image"].shape[1:] == (3, 16, 16)
+        labels.append(batch["label"])
+    from sklearn.datasets import load_digits
+
+    assert sorted(torch.cat(labels).tolist()) == sorted(load_digits().target[:30].tolist())
+    report = bad_input_report(reset=True)
+    assert report["bad_inputs"] == 2
+    assert {e["source"].split("(sample ")[1] for e in report["examples"]} == {"'n00000001_bad')", "'n00000002_nolabel')"}
+    strict = _cfg("data.format=webdataset", f"data.uri={uri}/train-{{000000..000003}}.tar", "data.resolution=16",
+                  "data.channels=3", "data.on_error=raise")
+    with pytest.raises(Exception) as failure:
+        build_train_dataset(strict, seed=1).take_all()
+    assert "cannot decode '" + f"{uri}/train-000003.tar (sample 'n0000000" in str(data_error(failure.value))
+
+    # The Hugging Face layout, converted from the shards by the prepare job (resumably).
+    hf = f"{s3_bucket}/digits-hf"
+    args = ["-c", "configs/prepare/convert.yaml", f"prepare.source_uri={uri}", "prepare.source_format=webdataset",
+            f"prepare.output_uri={hf}/data", "prepare.format=parquet", "prepare.rows_per_shard=12", "data.read_cpus=1"]
+    assert prepare.main(args) == 0
+    names = sorted(u.rsplit("/", 1)[1] for u in storage.list_files(f"{hf}/data"))
+    assert names == [f"part-{i:05d}-of-00003.parquet" for i in range(3)]
+    for i, name in enumerate(names):  # renamed as Hugging Face names its train split
+        storage.write_bytes(f"{hf}/data/train-{i:05d}-of-00003.parquet", storage.read_bytes(f"{hf}/data/{name}"))
+        storage.delete(f"{hf}/data/{name}")
+    hcfg = _cfg("data.format=parquet", f"data.uri={hf}", "data.resolution=16", "data.channels=3")
+    assert preflight_data(hcfg)["images"] == 30
+    rows = build_train_dataset(hcfg, seed=0).take_all()
+    assert sorted(int(r["label"]) for r in rows) == sorted(load_digits().target[:30].tolist())
+
+
+def test_prepare_converts_between_formats_and_resumes(ray_session, s3_bucket, capsys):
+    source = f"{s3_bucket}/conv-folder"
+    prepare.write_digits(source, format="imagefolder", image_size=12, channels=3, indices=range(20))
+    out = f"{s3_bucket}/conv-wds"
+    args = ["-c", "configs/prepare/convert.yaml", f"prepare.source_uri={source}", "prepare.source_format=imagefolder",
+            f"prepare.output_uri={out}", "prepare.format=webdataset", "prepare.rows_per_shard=8", "data.read_cpus=1"]
+    assert prepare.main(args) == 0
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (done["images"], done["written"], done["skipped"]) == (20, 20, 0)
+    first = storage.read_bytes(f"{out}/train-000001.tar")
+    storage.delete(f"{out}/train-000001.tar")
+    assert prepare.main(args) == 0
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (done["written"], done["skipped"]) == (8, 12)
+    assert storage.read_bytes(f"{out}/train-000001.tar") == first  # the same bytes: deterministic shards
+    back = f"{s3_bucket}/conv-back"
+    assert prepare.main(["-c", "configs/prepare/convert.yaml", f"prepare.source_uri={out}", "prepare.source_format=webdataset",
+                         f"prepare.output_uri={back}", "prepare.format=imagefolder", "data.read_cpus=1"]) == 0
+    for relative in ("n00000003/n00000003_00003.JPEG", "n00000007/n00000007_00017.JPEG"):
+        assert storage.read_bytes(f"{back}/{relative}") == storage.read_bytes(f"{source}/{relative}")

@@ -303,3 +303,108 @@ def test_trained_checkpoint_samples_are_recognised(trained_digits_export):
     # Chance is 0.1; random-weight models score about that.
     assert metrics["class_accuracy"] > 0.4, metrics
     assert metrics["precision"] > 0.2, metrics
+
+
+# --- the in-training evaluator of any dataset (speed.evaluate.dataset_fid) --------------------------
+
+from speed.config.schema import DataConfig  # noqa: E402
+from speed.data.builtin import load_builtin  # noqa: E402
+from speed.evaluate import dataset_fid  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_evaluators():
+    """The digits (8x8 grey) and patches (8x8 RGB) evaluators, trained with fewer steps (tests only)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataset_fid, "TARGET_STEPS", 150)
+        mp.setattr(dataset_fid, "_CACHE", {})
+        out = {}
+        for fmt, channels in (("digits", 1), ("patches", 3)):
+            data = dataset_fid.eval_data_from_config(DataConfig(format=fmt, resolution=8, channels=channels), None, 10)
+            out[fmt] = (data, dataset_fid.get_dataset_evaluator(data))
+        yield out
+
+
+@pytest.mark.parametrize("name, other", [("digits", "patches"), ("patches", "digits")])
+def test_dataset_evaluator_ranks_real_above_noise_and_another_dataset(quick_evaluators, name, other):
+    data, evaluator = quick_evaluators[name]
+    channels = 1 if name == "digits" else 3
+    images, labels = load_builtin(name, 8, channels)
+    train_idx, held_idx = dataset_fid.split_indices(labels)
+    assert len(set(train_idx.tolist()) & set(held_idx.tolist())) == 0
+    assert len(held_idx) == evaluator.classifier.reference_features.shape[0]
+    assert labels[held_idx].bincount().min() > 0.25 * len(labels) / 10  # every class in the reference
+    assert evaluator.metric_name == f"fid_{name}" and evaluator.heldout_accuracy > 0.9
+    g = torch.Generator().manual_seed(1)
+    pick = train_idx[torch.randperm(len(train_idx), generator=g)[:250]]
+    real = evaluator.metrics(images[pick], labels[pick])
+    assert set(real) == {f"fid_{name}", "precision", "recall", "class_accuracy"}
+    noisy = evaluator.metrics((images[pick] + 0.3 * torch.randn(images[pick].shape, generator=g)).clamp(-1, 1))
+    noise = evaluator.metrics(torch.rand(250, channels, 8, 8, generator=g) * 2 - 1)
+    other_images, other_labels = load_builtin(other, 8, channels)
+    foreign = evaluator.metrics(other_images[torch.randperm(len(other_labels), generator=g)[:250]])
+    fid = f"fid_{name}"
+    assert real[fid] < noisy[fid] < noise[fid] and real[fid] * 5 < foreign[fid], (real, noisy, noise, foreign)
+    assert real["class_accuracy"] > 0.9 and real["recall"] > foreign["recall"]
+    # uint8 NHWC samples (what generate returns) score as their float form.
+    uint8 = ((images[pick] + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert evaluator.metrics(uint8)[fid] == pytest.approx(real[fid], rel=0.05)
+
+
+def test_dataset_evaluator_cache_is_per_dataset(quick_evaluators, tmp_path, monkeypatch):
+    digits, patches = quick_evaluators["digits"][0], quick_evaluators["patches"][0]
+    assert digits.key != patches.key
+    grey16 = dataset_fid.eval_data_from_config(DataConfig(format="digits", resolution=16, channels=1), None, 10)
+    assert grey16.key != digits.key
+    cache = str(tmp_path / "cache")
+    for data, evaluator in quick_evaluators.values():  # write both files
+        monkeypatch.setattr(dataset_fid, "_CACHE", {})
+        monkeypatch.setattr(dataset_fid, "train_dataset_classifier", lambda *a, _e=evaluator, **k: _e.classifier)
+        dataset_fid.get_dataset_evaluator(data, cache)
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert files == sorted([f"eval-digits-{digits.key}.safetensors", f"eval-patches-{patches.key}.safetensors"])
+    monkeypatch.setattr(dataset_fid, "_CACHE", {})  # a fresh process: loads the files, no training
+    monkeypatch.setattr(dataset_fid, "train_dataset_classifier", lambda *a, **k: pytest.fail("retrained"))
+    loaded = dataset_fid.get_dataset_evaluator(patches, cache)
+    for key, tensor in quick_evaluators["patches"][1].classifier.state_dict().items():
+        assert torch.equal(tensor, loaded.classifier.state_dict()[key]), key
+    # A file holding another dataset's classifier is never taken for this one.
+    blob = (tmp_path / "cache" / f"eval-digits-{digits.key}.safetensors").read_bytes()
+    assert dataset_fid._from_bytes(blob, patches.key) is None and dataset_fid._from_bytes(blob, digits.key) is not None
+
+
+def test_imagefolder_evaluator_identity(tmp_path):
+    from speed.data.patches import write_patches
+
+    root = tmp_path / "My-Patches"
+    write_patches(str(root), resolution=8, channels=3)
+    data_cfg = DataConfig(format="imagefolder", uri=str(root), resolution=8, channels=3)
+    assert dataset_fid.dataset_name(data_cfg) == "my_patches"
+    assert dataset_fid.fid_metric_name(data_cfg) == "fid_my_patches"
+    first = dataset_fid.eval_data_from_config(data_cfg, None, 10)
+    images, labels = first.load()
+    assert images.shape == (3000, 3, 8, 8) and labels.bincount().tolist() == [300] * 10
+    assert first.key == dataset_fid.eval_data_from_config(data_cfg, None, 10).key
+    (root / "0_sky" / "00000.png").unlink()  # the folder changed: another key, so another cache file
+    assert dataset_fid.eval_data_from_config(data_cfg, None, 10).key != first.key
+    with pytest.raises(ValueError, match="train.eval_every=0"):
+        dataset_fid.eval_data_from_config(DataConfig(format="parquet", uri=str(root)), None, 10)
+
+
+def test_stratified_subset_caps_large_datasets():
+    labels = np.repeat(np.arange(4), [1000, 500, 300, 200])
+    chosen = dataset_fid._stratified_subset(labels, 1000, 0)
+    assert len(chosen) == 1000 and len(set(chosen.tolist())) == 1000
+    assert np.bincount(labels[chosen]).tolist() == [500, 250, 150, 100]
+    assert np.array_equal(chosen, dataset_fid._stratified_subset(labels, 1000, 0))
+
+
+def test_trained_samples_score_with_the_dataset_evaluator(trained_digits_export, quick_evaluators):
+    cfg = load_config(None, TRAINED_OVERRIDES)
+    model, description = load_sampling_model(trained_digits_export)
+    labels = np.arange(200) % 10
+    images = generate(model, description, cfg.sampling, labels, np.arange(200), seed=0, device="cpu")
+    evaluator = quick_evaluators["digits"][1]
+    trained = evaluator.metrics(images, labels)
+    noise = evaluator.metrics(torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, labels)
+    assert trained["class_accuracy"] > 0.4 and trained["fid_digits"] < noise["fid_digits"] / 3, (trained, noise)

@@ -211,3 +211,79 @@ def test_one_optimizer_step_makes_output_nonzero():
     out = model(x, t, y)
     assert torch.count_nonzero(out) > 0
     assert math.isfinite(out.abs().sum().item())
+
+
+# --- the default model is DiT ------------------------------------------------------------------
+
+
+class _ReferenceDiT(torch.nn.Module):
+    """DiT's own model (facebookresearch/DiT models.py), written out independently with its module
+    names: a checkpoint of it loads into ours strictly, and both compute the same function."""
+
+    def __init__(self, input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                 num_classes=10):
+        super().__init__()
+        import functools
+
+        from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+
+        nn = torch.nn
+        self.patch_size, self.out_channels = patch_size, 2 * in_channels
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = nn.Module()
+        self.t_embedder.mlp = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.y_embedder = nn.Module()
+        self.y_embedder.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        gelu = functools.partial(nn.GELU, approximate="tanh")
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            block = nn.Module()
+            block.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            block.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+            block.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            block.mlp = Mlp(in_features=hidden_size, hidden_features=4 * hidden_size, act_layer=gelu, drop=0)
+            block.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+            self.blocks.append(block)
+        self.final_layer = nn.Module()
+        self.final_layer.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.final_layer.linear = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
+        self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, t, y):
+        def modulate(h, shift, scale):
+            return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+        half = 128
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        args = t[:, None].float() * freqs[None]
+        c = self.t_embedder.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1)) + self.y_embedder.embedding_table(y)
+        x = self.x_embedder(x) + self.pos_embed
+        for b in self.blocks:
+            s1, sc1, g1, s2, sc2, g2 = b.adaLN_modulation(c).chunk(6, dim=1)
+            x = x + g1.unsqueeze(1) * b.attn(modulate(b.norm1(x), s1, sc1))
+            x = x + g2.unsqueeze(1) * b.mlp(modulate(b.norm2(x), s2, sc2))
+        shift, scale = self.final_layer.adaLN_modulation(c).chunk(2, dim=1)
+        x = self.final_layer.linear(modulate(self.final_layer.norm_final(x), shift, scale))
+        p, ch = self.patch_size, self.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, w, p, p, ch))
+        return x.reshape(x.shape[0], ch, h * p, h * p)
+
+
+def test_default_model_loads_an_official_state_dict_and_matches_dits_forward():
+    reference = _ReferenceDiT()
+    _randomize(reference, seed=3)
+    official = reference.state_dict()  # what DiT's published .pt files hold (pos_embed included)
+    ours = build_dit("DiT-N/2", input_size=8, in_channels=4, num_classes=10)
+    ours.load_state_dict(official, strict=True)
+    assert set(ours.state_dict()) == set(official)
+    ours.eval()
+    reference.eval()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, y), reference(x, t, y), rtol=1e-5, atol=1e-6)
+        # Training mode without routing and with no label dropped is the same function.
+        ours.train()
+        torch.testing.assert_close(ours(x, t, y, drop_mask=torch.zeros(2, dtype=torch.bool)), reference(x, t, y),
+                                   rtol=1e-5, atol=1e-6)

@@ -122,7 +122,7 @@ def test_training_writes_only_under_its_output_uri(ray_session, tmp_path, monkey
     assert sorted(_tree(workdir)) == []
     assert sorted(_tree(repo) - repo_before) == []
     written = _tree(output)
-    # The run's folder, and the digits evaluator's classifier cache (eval.classifier_uri's default).
+    # The run's folder, and the dataset evaluator's cache (eval.cache_uri's default), one file per dataset.
     assert any(path.startswith("confined/") for path in written)
-    assert all(path.startswith("confined/") or path.startswith("cache/digits-classifier") for path in written), \
+    assert all(path.startswith("confined/") or path.startswith("cache/eval-digits-") for path in written), \
         sorted(written)

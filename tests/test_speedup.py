@@ -85,23 +85,23 @@ def test_max_mode_and_mean_curve_alignment():
 
 
 def test_metric_curve_and_trial_table_baseline():
-    history = [{"step": 50, "loss": 0.5}, {"step": 100, "loss": 0.4, "digits_fid": 30.0},
-               {"step": 150, "loss": 0.3, "digits_fid": None}, {"step": 200, "loss": 0.2, "digits_fid": 20.0}]
-    assert metric_curve(history, "digits_fid") == [(100, 30.0), (200, 20.0)]
+    history = [{"step": 50, "loss": 0.5}, {"step": 100, "loss": 0.4, "fid_digits": 30.0},
+               {"step": 150, "loss": 0.3, "fid_digits": None}, {"step": 200, "loss": 0.2, "fid_digits": 20.0}]
+    assert metric_curve(history, "fid_digits") == [(100, 30.0), (200, 20.0)]
 
     def record(strategy, seed, fids):
-        hist = [{"step": s, "digits_fid": v, "loss": 1.0} for s, v in curve(fids)]
+        hist = [{"step": s, "fid_digits": v, "loss": 1.0} for s, v in curve(fids)]
         return TrialRecord(name=f"{strategy}-{seed}", overrides={"diffusion.timesteps.name": strategy, "run.seed": seed},
                            strategy=strategy, seed=seed, history=hist, wall_s=1.0)
 
     rows = build_rows([record("uniform", 0, [30, 20, 10]), record("speed", 0, [20, 10, 8]),
-                       record("uniform", 1, [30, 25, 20]), record("speed", 1, [40, 35, 30])], "digits_fid", "min")
+                       record("uniform", 1, [30, 25, 20]), record("speed", 1, [40, 35, 30])], "fid_digits", "min")
     by_name = {r["trial"]: r for r in rows}
     assert by_name["speed-0"]["steps_to_baseline"] == 200 and by_name["speed-0"]["speedup_vs_baseline"] == 1.5
     assert by_name["speed-0"]["baseline_target"] == 10.0  # the uniform trial of the same seed
     assert by_name["speed-1"]["steps_to_baseline"] is None and by_name["speed-1"]["speedup_vs_baseline"] is None
     assert by_name["uniform-1"]["speedup_vs_baseline"] == 1.0
-    assert by_name["speed-0"]["best_digits_fid"] == 8.0 and by_name["speed-0"]["best_step"] == 300
+    assert by_name["speed-0"]["best_fid_digits"] == 8.0 and by_name["speed-0"]["best_step"] == 300
 
 
 def test_search_space_expansion_and_names():

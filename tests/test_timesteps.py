@@ -108,17 +108,18 @@ def test_weight_formulas():
 def test_logit_normal_and_lognormal_pmfs():
     from scipy.stats import norm
 
-    pmf = build_timestep_strategy("logit_normal", BETAS).pmf.numpy()
-    u = 500 / T
-    expected = norm.cdf(np.log(0.501 / 0.499)) - norm.cdf(np.log(u / (1 - u)))
-    assert pmf[500] == pytest.approx(expected, rel=1e-9)
-    np.testing.assert_allclose(pmf, pmf[::-1], rtol=1e-6)  # symmetric for m = 0
-
-    pmf = build_timestep_strategy("lognormal", BETAS).pmf.numpy()
+    # Both cross to DDPM steps by log-SNR: step i gets the mass between the log-SNR midpoints to its
+    # neighbours. On the linear path logit(t) = log sigma = -lambda / 2 at equal log-SNR.
     log_sigma = 0.5 * np.log((1 - ABAR) / ABAR)
     mid = lambda i: 0.5 * (log_sigma[i] + log_sigma[i + 1])  # noqa: E731
+    pmf = build_timestep_strategy("logit_normal", BETAS).pmf.numpy()
+    assert pmf[0] == pytest.approx(norm.cdf(mid(0)), rel=1e-9)
+    assert pmf[500] == pytest.approx(norm.cdf(mid(500)) - norm.cdf(mid(499)), rel=1e-9)
+
+    pmf = build_timestep_strategy("lognormal", BETAS).pmf.numpy()
     assert pmf[0] == pytest.approx(norm.cdf((mid(0) + 1.2) / 1.2), rel=1e-9)
     assert pmf[100] == pytest.approx(norm.cdf((mid(100) + 1.2) / 1.2) - norm.cdf((mid(99) + 1.2) / 1.2), rel=1e-9)
+    assert pmf[T - 1] == pytest.approx(1 - norm.cdf((mid(T - 2) + 1.2) / 1.2), rel=1e-6)
 
 
 def test_bad_parameters_rejected():

@@ -110,10 +110,20 @@ def digits_source(seed=0, global_batch=8):
     return IndexedSource(images, labels, seed, global_batch)
 
 
-def test_resume_is_bit_exact(tmp_path):
+FLOW = ["diffusion.objective=flow", "model.learn_sigma=false", "sampling.sampler=euler", "sampling.steps=10"]
+
+
+@pytest.mark.parametrize("objective", [[], FLOW, [*FLOW, "diffusion.timesteps.name=loss_aware",
+                                                  "diffusion.timesteps.loss_aware.history=1"],
+                                       ["diffusion.timesteps.name=progress", "diffusion.timesteps.progress.warmup=1",
+                                        "diffusion.timesteps.progress.bins=2", "diffusion.timesteps.weighting=progress"],
+                                       [*FLOW, "diffusion.timesteps.weighting=learned"]],
+                         ids=["ddpm", "flow", "flow-loss_aware", "progress", "flow-speed+learned"])
+def test_resume_is_bit_exact(tmp_path, objective):
     """A run stopped halfway and resumed ends with exactly the weights of an uninterrupted one
-    (single CPU worker, fixed seed, the in-memory digits in their seeded order)."""
-    common = ["parallel.strategy=none", "train.global_batch_size=8", "train.checkpoint_every=3"]
+    (single CPU worker, fixed seed, the in-memory digits in their seeded order), under both
+    objectives and with an adaptive strategy's state."""
+    common = ["parallel.strategy=none", "train.global_batch_size=8", "train.checkpoint_every=3", *objective]
     straight_cfg = make_cfg(tmp_path / "a", *common, "train.steps=6")
     straight = loop.train(straight_cfg, DistEnv(), digits_source(), reporter_for(straight_cfg), progress=False)
     first_cfg = make_cfg(tmp_path / "b", *common, "train.steps=3")
@@ -141,6 +151,8 @@ def test_resume_is_bit_exact(tmp_path):
     layout = RunLayout.for_run(first_cfg.run)
     steps = [r["step"] for r in layout.read_metrics()]
     assert steps == [2, 3, 4, 6], steps
+    cpu = [r["train_cpu_s"] for r in layout.read_metrics()]
+    assert all(b > a > 0 for a, b in zip(cpu, cpu[1:])), cpu  # training CPU-seconds continue over the resume
     assert [first for first, _ in layout.metrics_parts()] == [2, 4]
 
 
@@ -186,14 +198,17 @@ def test_lr_schedule_is_pure():
     assert [lr_at(s, optim) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
-def test_small_dit_overfits_a_digits_batch(tmp_path):
+# The velocity target eps - x0 is harder to memorise near t = 1 than eps is, so the flow model
+# overfits 4 digits (each 4 times in the batch) in the steps the DDPM model needs for 16.
+@pytest.mark.parametrize("objective,distinct", [([], 16), (FLOW, 4)], ids=["ddpm", "flow"])
+def test_small_dit_overfits_a_digits_batch(tmp_path, objective, distinct):
     from speed.data.digits import load_digits
 
     images, labels = load_digits(8, 1)
-    x, y = images[:16], labels[:16]
+    x, y = images[:distinct].repeat(16 // distinct, 1, 1, 1), labels[:distinct].repeat(16 // distinct)
     cfg = make_cfg(tmp_path, "parallel.strategy=none", "train.global_batch_size=16", "train.steps=150",
                    "train.log_every=25", "optim.lr=2e-3", "diffusion.timesteps.name=uniform", "train.checkpoint_every=1000",
-                   "model.class_dropout_prob=0.0")
+                   "model.class_dropout_prob=0.0", *objective)
     result = loop.train(cfg, DistEnv(), FixedSource(x, y), reporter_for(cfg), progress=False)
     first, last = result.history[0]["mse"], result.history[-1]["mse"]
     assert last < 0.5 * first, (first, last)

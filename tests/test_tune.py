@@ -87,7 +87,7 @@ def test_interrupted_experiment_continues_and_completes(restored_experiment, cap
     assert line["experiment"] == str(experiment)
     assert line["trials"] == 2 and line["errors"] == 0
     assert line["best"]["trial"] in ("t000-uniform-seed0", "t001-speed-seed0")
-    assert line["best"]["final_digits_fid"] > 0
+    assert line["best"]["final_fid_digits"] > 0
 
     runs = experiment / "runs"
     finished = json.loads((runs / done_first[0] / "tune_trial.json").read_text())
@@ -95,7 +95,7 @@ def test_interrupted_experiment_continues_and_completes(restored_experiment, cap
     for name in ("t000-uniform-seed0", "t001-speed-seed0"):
         records = RunLayout(str(runs / name)).read_metrics()
         assert records[-1]["step"] == 4
-        assert any("digits_fid" in r for r in records)  # evaluated inside the trial
+        assert any("fid_digits" in r for r in records)  # evaluated inside the trial
         assert (runs / name / "export" / "ema.safetensors").is_file()
 
 
@@ -108,7 +108,7 @@ def test_results_table_and_plots(restored_experiment):
     assert [r["diffusion.timesteps.name"] for r in rows] == ["uniform", "speed"]
     for row in rows:
         assert row["status"] == "done" and row["steps"] == "4"
-        assert float(row["final_digits_fid"]) > 0 and float(row["best_digits_fid"]) > 0
+        assert float(row["final_fid_digits"]) > 0 and float(row["best_fid_digits"]) > 0
         assert float(row["wall_time_s"]) > 0
     uniform = rows[0]
     assert uniform["steps_to_baseline"] == uniform["baseline_steps"]  # the baseline reaches its own target
@@ -156,4 +156,4 @@ def test_metric_and_scheduler_settings():
     with pytest.raises(Exception, match="multiple of train.log_every"):
         tune_job.check_metric(load_config(ABLATION, [*TINY, "train.eval_every=3"], phase="tune"))
     with pytest.raises(Exception, match="is not logged by training"):
-        tune_job.check_metric(load_config(ABLATION, [*TINY, "tune.metric=fid"], phase="tune"))
+        tune_job.check_metric(load_config(ABLATION, [*TINY, "tune.metric=fidelity"], phase="tune"))

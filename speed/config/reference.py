@@ -76,7 +76,8 @@ Notes on some keys:
   `model.depth` / `hidden_size` / `num_heads` / `mlp_ratio` override the preset's value.
 - `train.global_batch_size` is fixed whatever the worker count (see [training](training.md)).
 - `ray.cpus_per_worker` may be a fraction: the CPUs the Train workers leave free run Ray Data.
-- `eval.classifier_uri` (the digits evaluator's cache) defaults to `<run.output_uri>/cache/`.
+- `eval.classifier_uri` (the digits evaluator's cache, `ray_jobs.evaluate`) defaults to `<run.output_uri>/cache/`;
+  `eval.cache_uri` (the in-training evaluators, one file per dataset) to `<run.output_uri>/cache`.
 - `vae.path` is read as safetensors only.
 - The timestep strategies and their parameters are described in [strategies](strategies.md).
 """

@@ -107,6 +107,12 @@ def _check_model_preset(key: str, value: str) -> None:
         raise ConfigError(f"{key}={value!r} is not a known preset{hint}; valid: {', '.join(DIT_PRESETS)}")
 
 
+def _check_trackers(key: str, value: Any) -> None:
+    from speed.train.trackers import check_trackers  # names, and whether mlflow / wandb are installed
+
+    check_trackers(list(value), key)
+
+
 def _check_http_url(key: str, value: str) -> None:
     if value and not re.match(r"^https?://", value):
         raise ConfigError(f"{key}={value!r} must start with http:// or https:// (e.g. http://minio.local:9000)")
@@ -149,11 +155,27 @@ class RunConfig:
     # Where runs live: a local folder or s3://bucket/prefix. A run's files go to <output_uri>/<name>.
     output_uri: str = checked("outputs", _check_not_empty)
     seed: int = 0
+    # Where the run's metrics, config and sample grids also go (rank 0): any of tensorboard (event
+    # files in the run folder), mlflow, wandb. mlflow and wandb need the trackers extra
+    # (pip install 'speed[trackers]') and their own settings (MLFLOW_TRACKING_URI, WANDB_MODE, ...).
+    trackers: List[str] = field(default_factory=lambda: ["tensorboard"], metadata={"check": _check_trackers})
+    # The MLflow experiment / W&B project the run is logged under; None: "speed".
+    tracker_project: Optional[str] = None
+
+
+@dataclass
+class RoutingConfig:
+    # Token routing (TREAD), training only: per sample, a random `fraction` of the tokens skips
+    # blocks start_block .. end_block - 1 and is put back in place before end_block (0-based block
+    # indices). 0 turns it off; evaluation, sampling and export always use every token.
+    fraction: float = bounded(0.0, 0, 1, max_exclusive=True, hint="0 turns routing off")
+    start_block: Optional[int] = non_negative(None, hint="None: 1, so the first block sees every token")
+    end_block: Optional[int] = positive(None, hint="None: depth - 1, so the last block sees every token")
 
 
 @dataclass
 class ModelConfig:
-    # A preset from speed.models.DIT_PRESETS, e.g. DiT-XL/2, DiT-T/2.
+    # A preset from speed.models.DIT_PRESETS, e.g. DiT-XL/2, DiT-T/2, LightningDiT-B/2.
     name: str = checked("DiT-T/2", _check_model_preset)
     num_classes: int = positive(10)
     learn_sigma: bool = True
@@ -163,6 +185,32 @@ class ModelConfig:
     hidden_size: Optional[int] = None
     num_heads: Optional[int] = None
     mlp_ratio: Optional[float] = None
+    # Block options (timm's layers; None keeps the preset's value: DiT-* presets are layernorm,
+    # gelu, no qk-norm, sincos, the exact DiT; LightningDiT-* are rmsnorm, swiglu, qk-norm, rope2d).
+    norm: Optional[str] = choice("layernorm", "rmsnorm", default=None)
+    mlp: Optional[str] = choice("gelu", "swiglu", default=None)  # swiglu: 2/3 width, same parameter count
+    qk_norm: Optional[bool] = None  # normalise queries and keys per head (the block's norm kind)
+    # rope2d: 2-D rotary embedding in every attention layer instead of the absolute sin-cos one
+    pos_embed: Optional[str] = choice("sincos", "rope2d", default=None)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+
+@dataclass
+class RepaConfig:
+    # Representation alignment (REPA), on when `encoder` is set: a timm model name (e.g.
+    # vit_base_patch14_dinov2.lvd142m), built without weights and loaded from `weights_uri`
+    # (safetensors or a weights-only torch file; nothing is downloaded). Frozen, never optimised.
+    encoder: Optional[str] = None
+    # The encoder's timm state dict (a classifier head is ignored; missing keys are refused).
+    weights_uri: Optional[str] = None
+    # Extra timm.create_model arguments (e.g. {img_size: 224}); shapes must fit the weights.
+    encoder_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # The encoder's input size in pixels; None: its own default (timm's pretrained_cfg input size).
+    resolution: Optional[int] = positive(None)
+    # Align the hidden states after this many DiT blocks; None: depth // 3 within [1, 8] (8 for XL).
+    block: Optional[int] = positive(None)
+    weight: float = non_negative(0.5)  # the alignment loss's weight beside the diffusion loss (REPA: 0.5)
+    projector_dim: int = positive(2048)  # hidden width of the projector MLP (REPA: 2048)
 
 
 # Timestep strategies, in the order the registry in speed.diffusion.timesteps lists them (it checks
@@ -177,6 +225,9 @@ TIMESTEP_STRATEGIES: Tuple[str, ...] = (
     "logit_normal",
     "lognormal",
     "loss_aware",
+    "laplace",
+    "learned",
+    "progress",
 )
 
 
@@ -212,6 +263,32 @@ class LogNormalParams:
 
 
 @dataclass
+class LaplaceParams:
+    # Laplace density in log-SNR: p(lambda) = exp(-|lambda - mu| / b) / (2 b) (Hang et al. 2024)
+    mu: float = 0.0
+    b: float = positive(0.5)
+
+
+@dataclass
+class LearnedParams:
+    # EDM2-style learned weighting: per-bin log-scale u trained jointly, loss L / exp(u) + u.
+    bins: int = bounded(32, 1)  # equal groups of DDPM steps (flow times through their log-SNR cells)
+    lr: float = positive(1e-2)  # Adam learning rate of u
+
+
+@dataclass
+class ProgressParams:
+    # Sampling that follows per-level learning progress (the relative fall of each level's loss).
+    bins: int = bounded(20, 1)  # equal groups of DDPM steps
+    fast: float = bounded(0.9, 0, 1, min_exclusive=True, max_exclusive=True)  # fast loss EMA decay
+    slow: float = bounded(0.99, 0, 1, min_exclusive=True, max_exclusive=True)  # slow loss EMA decay
+    floor: float = bounded(0.25, 0, 1, min_exclusive=True, hint="share of the baseline density kept")
+    smoothing: float = non_negative(1.0)  # Gaussian smoothing of progress across bins, in bins
+    warmup: int = bounded(8, 1)  # samples every bin must see before the density adapts
+    unbiased: bool = False  # weight samples baseline / pmf so the objective stays the baseline's
+
+
+@dataclass
 class LossAwareParams:
     history: int = bounded(10, 1)  # losses kept per step
     uniform_prob: float = bounded(0.001, 0, 1, min_exclusive=True)
@@ -235,10 +312,23 @@ class TimestepsConfig:
     logit_normal: LogitNormalParams = field(default_factory=LogitNormalParams)
     lognormal: LogNormalParams = field(default_factory=LogNormalParams)
     loss_aware: LossAwareParams = field(default_factory=LossAwareParams)
+    laplace: LaplaceParams = field(default_factory=LaplaceParams)
+    learned: LearnedParams = field(default_factory=LearnedParams)
+    progress: ProgressParams = field(default_factory=ProgressParams)
+
+
+# Training objectives: DDPM (eps prediction, learned sigma, DiT's diffusion) or flow matching on the
+# linear path x_t = (1 - t) x0 + t eps with velocity prediction (SiT).
+OBJECTIVES: Tuple[str, ...] = ("ddpm", "flow")
+DDPM_SAMPLERS: Tuple[str, ...] = ("ddpm", "ddim")
+FLOW_SAMPLERS: Tuple[str, ...] = ("euler", "heun", "sde")
 
 
 @dataclass
 class DiffusionConfig:
+    objective: str = choice(*OBJECTIVES, hint="flow needs model.learn_sigma=false and a flow sampler")
+    # The DDPM noise schedule. Under flow it still places the strategies defined on DDPM steps
+    # (SpeeD's tau, P2, Min-SNR) on the flow path, by log-SNR.
     num_timesteps: int = positive(1000)
     schedule: str = choice("linear", "cosine")
     timesteps: TimestepsConfig = field(default_factory=TimestepsConfig)
@@ -246,8 +336,10 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    # digits: the embedded scikit-learn digits (uri ignored); imagefolder | parquet | latents read uri.
-    format: str = choice("digits", "imagefolder", "parquet", "latents")
+    # digits: the embedded scikit-learn digits; patches: 10 classes of natural-photo crops (both
+    # built in and held in memory, uri ignored); imagefolder | parquet | webdataset | latents read
+    # uri (webdataset: the prefix of the .tar shards, or a brace pattern). See docs/data.md.
+    format: str = choice("digits", "patches", "imagefolder", "parquet", "webdataset", "latents")
     uri: str = ""
     resolution: int = positive(8)  # a multiple of 8 for latents
     # 1 or 3 for pixels; latents carry their own channel count (4 for SD-VAE)
@@ -262,6 +354,15 @@ class DataConfig:
     prefetch_batches: int = 2
     max_logged_errors: int = 5  # bad files logged in full; after that only counted
     read_cpus: float = positive(0.25)  # CPUs per Ray Data read/decode task
+    # JPEG decode: fast (libjpeg scales by 1/2..1/8 in the DCT domain when the image is at least
+    # twice data.resolution, then ADM's crop) or exact (ADM's recipe on the full-size image)
+    decode: str = choice("fast", "exact")
+    # The file list, labels and sizes, kept beside the data (or at catalog_uri): auto reuses it
+    # while the prefix is unchanged (imagefolder: the same class folders; shards: the same names
+    # and sizes) and rebuilds it otherwise; rebuild always lists again; disabled neither reads nor writes it
+    catalog: str = choice("auto", "rebuild", "disabled")
+    catalog_uri: Optional[str] = None  # default: <data.uri>/_speed_catalog.parquet
+    split: str = "train"  # Hugging Face Parquet layout: the split whose data/<split>-*.parquet are read
 
 
 @dataclass
@@ -310,8 +411,10 @@ class ParallelConfig:
 
 @dataclass
 class SamplingConfig:
-    sampler: str = choice("ddpm", "ddim")
-    steps: int = 250  # 1 .. diffusion.num_timesteps
+    # ddpm | ddim sample DDPM models; euler | heun | sde (Euler-Maruyama) sample flow models.
+    sampler: str = choice(*DDPM_SAMPLERS, *FLOW_SAMPLERS)
+    # DDPM: respaced steps, 1 .. diffusion.num_timesteps; flow: intervals of the uniform t grid.
+    steps: int = positive(250)
     guidance_scale: float = non_negative(1.0)
     guidance_channels: str = choice("all", "first3")  # first3: DiT's published behaviour
     eta: float = non_negative(0.0)
@@ -344,9 +447,13 @@ class SampleConfig:
 class EvalConfig:
     samples_uri: Optional[str] = None
     reference_uri: Optional[str] = None
+    # digits: a small classifier trained on the dataset being trained (the in-training evaluation's
+    # fid_<dataset>; for python -m ray_jobs.evaluate, the digits classifier); inception: Inception-v3
     feature_extractor: str = choice("digits", "inception")
     inception_weights: Optional[str] = None
-    classifier_uri: Optional[str] = None  # digits classifier cache; default under run.output_uri
+    classifier_uri: Optional[str] = None  # digits classifier cache (ray_jobs.evaluate); default under run.output_uri
+    # The in-training evaluators' cache folder, one file per dataset; default <run.output_uri>/cache
+    cache_uri: Optional[str] = None
     batch_size: int = positive(250)
     num_actors: int = positive(1)
     num_gpus_per_actor: float = 0.0
@@ -355,19 +462,21 @@ class EvalConfig:
 
 @dataclass
 class PrepareConfig:
-    task: str = choice("digits", "encode")
+    # digits: write the digits; convert: rewrite prepare.source_uri in prepare.format (image bytes
+    # copied as they are); encode: SD-VAE latents of prepare.source_uri
+    task: str = choice("digits", "convert", "encode")
     output_uri: Optional[str] = None
-    format: str = choice("imagefolder", "parquet")  # digits task
+    format: str = choice("imagefolder", "parquet", "webdataset")  # digits and convert tasks
     image_size: int = positive(32)
     channels: int = choice(1, 3, default=3)
     num_shards: int = positive(4)
-    source_uri: Optional[str] = None  # encode task: the imagefolder/parquet dataset to encode
-    source_format: str = choice("imagefolder", "parquet")
+    source_uri: Optional[str] = None  # convert / encode tasks: the dataset to read
+    source_format: str = choice("imagefolder", "parquet", "webdataset")
     resolution: int = 256
     batch_size: int = 32
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
-    rows_per_shard: int = positive(1024)
+    rows_per_shard: int = positive(1024)  # encode: images per latent shard; convert: per Parquet / tar shard
 
 
 @dataclass
@@ -410,7 +519,8 @@ class TuneConfig:
     # Dotted config key -> list of values (grid) or {"grid": [...]} / {"choice": [...]} /
     # {"uniform": [lo, hi]} / {"loguniform": [lo, hi]}. Every key must exist in this schema.
     search_space: Dict[str, Any] = field(default_factory=dict)
-    metric: str = "digits_fid"
+    # A metric the training loop logs; fid = the in-training FID of the dataset, fid_<dataset>
+    metric: str = "fid"
     mode: str = choice("min", "max")
     num_samples: int = positive(1)
     scheduler: str = choice("none", "asha")
@@ -422,6 +532,7 @@ class TuneConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

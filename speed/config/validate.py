@@ -11,7 +11,7 @@ import difflib
 import math
 from typing import Any, Iterator, Mapping, Tuple
 
-from speed.config.schema import Config, ConfigError, num_workers_range
+from speed.config.schema import DDPM_SAMPLERS, FLOW_SAMPLERS, Config, ConfigError, num_workers_range
 
 
 def iter_fields(obj: Any, prefix: str = "") -> Iterator[Tuple[str, dataclasses.Field, Any]]:
@@ -80,6 +80,17 @@ def check_fields(obj: Any, prefix: str = "") -> None:
         check_field(key, value, f.metadata)
 
 
+def check_objective(objective: str, sampler: str, source: str) -> None:
+    """Refuse a sampler of the other objective; ``source`` says where the objective came from
+    (``diffusion.objective``, or the export being sampled)."""
+    allowed = FLOW_SAMPLERS if objective == "flow" else DDPM_SAMPLERS
+    if sampler not in allowed:
+        raise ConfigError(
+            f"sampling.sampler={sampler} samples {'flow' if sampler in FLOW_SAMPLERS else 'DDPM'} models, but "
+            f"{source} is {objective}; set sampling.sampler to one of {', '.join(allowed)}"
+        )
+
+
 def validate_config(cfg: Config) -> None:
     check_fields(cfg)
     _cross_field_checks(cfg)
@@ -91,9 +102,9 @@ def _cross_field_checks(cfg: Config) -> None:
     timesteps = diffusion.timesteps
     sampling = timesteps.sampling or timesteps.name
     weighting = timesteps.weighting or timesteps.name
-    if weighting == "loss_aware" and sampling != "loss_aware":
+    if weighting in ("loss_aware", "progress") and sampling != weighting:
         raise ConfigError(
-            f"diffusion.timesteps: weighting 'loss_aware' needs diffusion.timesteps.sampling='loss_aware' (its "
+            f"diffusion.timesteps: weighting '{weighting}' needs diffusion.timesteps.sampling='{weighting}' (its "
             f"importance weights assume its own pmf); got sampling {sampling!r}"
         )
     if "speed" in (sampling, weighting) and timesteps.speed.tau > diffusion.num_timesteps:
@@ -102,12 +113,20 @@ def _cross_field_checks(cfg: Config) -> None:
             f"diffusion.num_timesteps={diffusion.num_timesteps}"
         )
 
-    if data.format != "digits" and not data.uri:
+    if data.format not in ("digits", "patches") and not data.uri:
         raise ConfigError(f"data.uri is empty; data.format={data.format} needs a local path or s3:// URI")
     if data.format == "latents" and data.resolution % 8:
         raise ConfigError(f"data.resolution={data.resolution} must be a multiple of 8 for latents")
 
-    if not 1 <= cfg.sampling.steps <= diffusion.num_timesteps:
+    if diffusion.objective == "flow" and cfg.model.learn_sigma:
+        fix = "model.learn_sigma=false"
+        if cfg.sampling.sampler not in FLOW_SAMPLERS:
+            fix += f" and sampling.sampler to one of {', '.join(FLOW_SAMPLERS)}"
+        raise ConfigError(
+            f"diffusion.objective=flow predicts the velocity only, so model.learn_sigma=true does not fit; set {fix}"
+        )
+    check_objective(diffusion.objective, cfg.sampling.sampler, "diffusion.objective")
+    if cfg.sampling.sampler in DDPM_SAMPLERS and not 1 <= cfg.sampling.steps <= diffusion.num_timesteps:
         raise ConfigError(
             f"sampling.steps={cfg.sampling.steps} must be between 1 and diffusion.num_timesteps="
             f"{diffusion.num_timesteps}"
@@ -117,6 +136,9 @@ def _cross_field_checks(cfg: Config) -> None:
             raise ConfigError(
                 f"sample.classes contains {label}, outside [0, model.num_classes={cfg.model.num_classes})"
             )
+    from speed.models.registry import check_training_options  # torch + timm: only when validating
+
+    check_training_options(cfg.model, cfg.repa, data)
 
     _, high = num_workers_range(cfg.ray)
     if train.global_batch_size < high:

@@ -32,7 +32,8 @@ class BadInput:
     reason: str
 
 
-def _reject(source: str, reason: str, on_error: str) -> BadInput:
+def reject(source: str, reason: str, on_error: str) -> BadInput:
+    """The bad-record policy: raise BadInputError under on_error=raise, else the BadInput to count."""
     if on_error == "raise":
         raise BadInputError(
             f"data.on_error=raise: cannot decode '{source}' ({reason}); fix or remove it, or set data.on_error=skip "
@@ -71,24 +72,26 @@ def decode_image_batch(
     epoch: int,
     on_error: str = "skip",
     num_classes: Optional[int] = None,
+    decode: str = "exact",
 ) -> Tuple[Dict[str, np.ndarray], List[BadInput]]:
     """Encoded images -> {"image": float32 [n, C, R, R] in [-1, 1], "label": int64 [n]}.
 
     ``flip_keys`` name the items for the flip decision (default: a digest of each item's bytes).
+    ``decode``: "fast" or "exact" (``speed.data.transforms.load_and_crop``).
     """
     crops, kept_labels, kept_keys, kept_sources, bad = [], [], [], [], []
     for i, blob in enumerate(blobs):
         label = labels[i]
         if label is None or (isinstance(label, float) and np.isnan(label)):
-            bad.append(_reject(sources[i], "missing label", on_error))
+            bad.append(reject(sources[i], "missing label", on_error))
             continue
         if blob is None:
-            bad.append(_reject(sources[i], "missing image bytes", on_error))
+            bad.append(reject(sources[i], "missing image bytes", on_error))
             continue
         try:
-            crops.append(load_and_crop(bytes(blob), resolution, channels))
+            crops.append(load_and_crop(bytes(blob), resolution, channels, decode))
         except Exception as exc:  # PIL raises many types for corrupt data; all mean "not a usable image"
-            bad.append(_reject(sources[i], f"{type(exc).__name__}: {exc}", on_error))
+            bad.append(reject(sources[i], f"{type(exc).__name__}: {exc}", on_error))
             continue
         kept_labels.append(int(label))
         kept_keys.append(flip_keys[i] if flip_keys is not None else content_key(bytes(blob)))

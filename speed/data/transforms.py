@@ -8,6 +8,12 @@ and in tests alike:
   alpha 0 never reaches the model.
 * ``center_crop_arr``: ADM's resize (box-downsample by 2 while the short side is at least twice
   the target, then bicubic so the short side equals the target) and center crop.
+* ``load_and_crop(data, resolution, channels, decode)``: both at once. ``decode="fast"`` (the
+  default of ``data.decode``) lets libjpeg do ADM's halvings in the DCT domain (PIL's draft mode:
+  a JPEG whose short side is at least twice the target is decoded at 1/2 or 1/4 scale, the
+  halvings ADM's loop would make, and ADM's box filter does any further ones), so the full-size image is never built; other
+  formats and modes fall back to the exact path. The crops stay within a tested tolerance of the
+  exact ones (``tests/test_data_transforms.py``). ``decode="exact"`` is ADM's recipe bit for bit.
 * ``to_model_tensor``: uint8 HWC -> float32 NCHW in [-1, 1], with horizontal flips.
 * ``flip_mask``: flip decisions that depend only on (seed, epoch, item key).
 """
@@ -48,8 +54,17 @@ def _to_eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(scaled).astype(np.uint8))
 
 
-def open_image(data: bytes, channels: int) -> Image.Image:
+DECODE_MODES = ("fast", "exact")
+# JPEG modes whose DCT-domain scaling matches a box downsample of the decoded pixels.
+_DRAFT_MODES = ("RGB", "L", "CMYK")
+MAX_DRAFT_DIVISOR = 7  # width // request <= 7 makes libjpeg pick a scale of at most 1/4
+
+
+def open_image(data: bytes, channels: int, draft_size: Optional[int] = None) -> Image.Image:
     """Decode encoded image bytes into a PIL image of mode RGB (channels=3) or L (channels=1).
+
+    ``draft_size``: for JPEGs, let the decoder scale by 1/2 or 1/4 while the short side stays
+    at least this large (PIL's draft mode); None decodes at full size.
 
     Raises ValueError (empty data) or PIL's errors (not an image, truncated file); callers apply
     ``data.on_error``.
@@ -58,7 +73,19 @@ def open_image(data: bytes, channels: int) -> Image.Image:
     if not data:
         raise ValueError("empty file (0 bytes)")
     image = Image.open(io.BytesIO(data))
+    full, scale = image.size, 1
+    if draft_size and image.format == "JPEG" and image.mode in _DRAFT_MODES:
+        # At most 1/4: libjpeg's 1/8 scale keeps only each block's mean, too far from ADM's box filter.
+        width, height = image.size
+        request = (max(draft_size, -(-width // MAX_DRAFT_DIVISOR)), max(draft_size, -(-height // MAX_DRAFT_DIVISOR)))
+        configured = image.draft(None, request)
+        if configured is not None:
+            scale = round(full[0] / configured[1][2])
     image.load()  # decode now: truncated or corrupt data fails here, not later
+    if scale > 1:
+        # libjpeg rounds scaled sizes up, ADM's halvings round down: drop the partial last
+        # row/column so the crop's geometry is ADM's.
+        image = image.crop((0, 0, full[0] // scale, full[1] // scale))
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
         image = _to_eight_bit(image)
     if image.mode == "P" and "transparency" in image.info:
@@ -98,9 +125,14 @@ def center_crop_arr(pil_image: Image.Image, resolution: int) -> np.ndarray:
     return np.ascontiguousarray(array[top : top + resolution, left : left + resolution])
 
 
-def load_and_crop(data: bytes, resolution: int, channels: int) -> np.ndarray:
-    """Encoded bytes -> preprocessed uint8 [resolution, resolution, channels]."""
-    return center_crop_arr(open_image(data, channels), resolution)
+def load_and_crop(data: bytes, resolution: int, channels: int, decode: str = "exact") -> np.ndarray:
+    """Encoded bytes -> preprocessed uint8 [resolution, resolution, channels].
+
+    ``decode``: "exact" (ADM's recipe on the full-size image) or "fast" (JPEG draft mode first;
+    see the module docstring)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"data.decode={decode!r} is not valid; choose one of {', '.join(DECODE_MODES)}")
+    return center_crop_arr(open_image(data, channels, resolution if decode == "fast" else None), resolution)
 
 
 def flip_mask(keys: Iterable[str], seed: int, epoch: int, enabled: bool = True) -> np.ndarray:

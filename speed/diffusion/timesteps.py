@@ -1,11 +1,18 @@
-"""Timestep sampling distributions and per-step loss weights.
+"""Timestep sampling distributions and per-step loss weights, under both objectives.
 
-Every strategy exposes
+Every strategy is native to one time axis (``native``): DDPM steps ("steps": speed, speed_v1, p2,
+min_snr, loss_aware), continuous time ("time": logit_normal, lognormal, laplace), or both
+("both": uniform, which means uniform in each objective's own time). Built for DDPM, a strategy
+exposes
   pmf               float64 [T]: marginal distribution of the steps ``sample`` returns,
   weights           float32 [T] (> 0): per-step loss weights,
   weights_apply_to  "mse" (weights multiply the MSE term) or "all" (the whole loss),
   sample(n, generator) -> (t LongTensor [n], w FloatTensor [n]) on CPU,
   update(t, losses), state_dict(), load_state_dict(state).
+Built for flow (``objective="flow"``), it is a ``FlowTimeStrategy``: ``sample`` gives float t in
+[0, 1] [n] and weights [n], ``density(t)`` is the density of those t, and ``pmf`` is the mass of
+each DDPM step's cell of t. Strategies cross between the axes by log-SNR
+(``speed.diffusion.noise_levels``; docs/strategies.md has the formulas).
 
 Build one with ``build_timestep_strategy`` (see its docstring for composition and parameters).
 A strategy's parameters are its dataclass in ``speed.config.schema`` (``SpeedParams``, ...), which
@@ -14,29 +21,30 @@ T = len(betas), abar_t = prod_{s<=t} (1 - beta_s), SNR_t = abar_t / (1 - abar_t)
 """
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
 from speed.config.schema import (
+    OBJECTIVES,
     TIMESTEP_STRATEGIES,
     LogitNormalParams,
+    LaplaceParams,
+    LearnedParams,
     LogNormalParams,
     LossAwareParams,
     MinSNRParams,
     P2Params,
+    ProgressParams,
     SpeedParams,
     TimestepsConfig,
 )
 from speed.config.validate import check_fields
+from speed.diffusion.noise_levels import NoiseCells, alphas_cumprod, flow_log_snr
 
 
-def _alphas_cumprod(betas) -> np.ndarray:
-    betas = np.asarray(betas.cpu() if isinstance(betas, torch.Tensor) else betas, dtype=np.float64)
-    if betas.ndim != 1 or betas.size < 2:
-        raise ValueError(f"betas must be a 1-D array with at least 2 steps, got shape {betas.shape}")
-    return np.cumprod(1.0 - betas)
+_alphas_cumprod = alphas_cumprod
 
 
 def _snr(alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -74,6 +82,7 @@ class TimestepStrategy:
     name = "base"
     weights_apply_to = "mse"
     params_type: Optional[type] = None
+    native = "steps"  # the time axis the strategy is defined on: steps | time | both
 
     def __init__(self, pmf: torch.Tensor, weights: torch.Tensor):
         self.pmf = pmf.to(torch.float64)  # [T]
@@ -84,8 +93,20 @@ class TimestepStrategy:
         t = torch.multinomial(self.pmf, n, replacement=True, generator=generator)  # [n]
         return t, self.weights[t]
 
+    # Adaptive samplers learn from the losses the trainer hands ``update`` (every worker's, gathered).
+    adaptive = False
+    # Weightings with trained parameters transform each sample's loss and step after backward.
+    learns_weights = False
+
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Adaptive strategies learn from per-sample losses; fixed ones ignore them."""
+
+    def transform_loss(self, loss: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The per-sample loss [n] to optimise, given each sample's DDPM step [n]."""
+        return loss
+
+    def after_backward(self, average: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Update trained weighting parameters from their gradient (``average`` all-reduces it)."""
 
     def state_dict(self) -> Dict[str, Any]:
         return {}
@@ -101,7 +122,10 @@ class TimestepStrategy:
 
 
 class UniformStrategy(TimestepStrategy):
+    """Uniform in the objective's own time: over DDPM steps, or over flow t in [0, 1]."""
+
     name = "uniform"
+    native = "both"
 
     def __init__(self, betas):
         num_timesteps = len(_alphas_cumprod(betas))
@@ -213,40 +237,111 @@ class MinSNRStrategy(TimestepStrategy):
         super().__init__(_uniform(num_timesteps), torch.from_numpy(weights))
 
 
-class LogitNormalStrategy(TimestepStrategy):
-    """SD3 logit-normal over u = t / T: step i gets P(i/T <= u < (i+1)/T). Weights 1."""
+class ContinuousTimeStrategy(TimestepStrategy):
+    """A strategy defined as a distribution over flow time t in (0, 1), weights 1.
+
+    Subclasses give ``time_cdf`` (numpy, of t) and ``time_pdf`` / ``sample_time`` (torch). Under
+    DDPM, step i gets the mass of its log-SNR cell of t (``noise_levels.NoiseCells``).
+    """
+
+    native = "time"
+
+    def __init__(self, betas):
+        cells = NoiseCells(betas)
+        super().__init__(cells.pmf_of_cdf(self.time_cdf), torch.ones(cells.num_timesteps))
+
+    def time_cdf(self, t: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def time_pdf(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample_time(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _logit(t):
+    with np.errstate(divide="ignore"):
+        return np.log(t) - np.log1p(-t)
+
+
+class _LogitNormalTime(ContinuousTimeStrategy):
+    """logit(t) ~ N(mean, std): t = sigmoid(mean + std z)."""
+
+    def _set_moments(self, mean: float, std: float) -> None:
+        self.mean, self.std = float(mean), float(std)
+
+    def time_cdf(self, t: np.ndarray) -> np.ndarray:
+        return _normal_cdf((_logit(np.asarray(t, dtype=np.float64)) - self.mean) / self.std)
+
+    def time_pdf(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.double()
+        z = (torch.logit(t) - self.mean) / self.std
+        return torch.exp(-0.5 * z**2) / (self.std * np.sqrt(2 * np.pi) * t * (1 - t))
+
+    def sample_time(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        z = torch.randn(n, generator=generator, dtype=torch.float64)
+        return torch.sigmoid(self.mean + self.std * z)
+
+
+class LogitNormalStrategy(_LogitNormalTime):
+    """SD3's logit-normal over flow time: logit(t) ~ N(m, s). Weights 1."""
 
     name = "logit_normal"
     params_type = LogitNormalParams
 
     def __init__(self, betas, params: LogitNormalParams):
-        m, s = params.m, params.s
-        num_timesteps = len(_alphas_cumprod(betas))
-        edges = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps  # [T+1] in [0, 1]
-        with np.errstate(divide="ignore"):
-            logits = np.log(edges) - np.log1p(-edges)  # -inf at u = 0, +inf at u = 1
-        mass = np.diff(_normal_cdf((logits - m) / s))
-        super().__init__(_normalize(mass), torch.ones(num_timesteps))
+        self._set_moments(params.m, params.s)
+        super().__init__(betas)
 
 
-class LogNormalStrategy(TimestepStrategy):
-    """EDM log-normal over log sigma_t, sigma_t = sqrt((1 - abar)/abar). Weights 1.
+class LogNormalStrategy(_LogitNormalTime):
+    """EDM's log-normal over sigma = sqrt((1 - abar) / abar): log sigma ~ N(p_mean, p_std). Weights 1.
 
-    Step t gets the normal mass between the log-sigma midpoints to its neighbours; the first and
-    last steps extend to -inf / +inf.
+    On the linear path sigma = t / (1 - t) at equal log-SNR, so log sigma = logit(t): EDM's
+    log-normal is the logit-normal over flow time with (m, s) = (p_mean, p_std).
     """
 
     name = "lognormal"
     params_type = LogNormalParams
 
     def __init__(self, betas, params: LogNormalParams):
-        p_mean, p_std = params.p_mean, params.p_std
-        alphas_cumprod = _alphas_cumprod(betas)
-        log_sigma = 0.5 * np.log((1.0 - alphas_cumprod) / alphas_cumprod)  # [T], increasing
-        midpoints = 0.5 * (log_sigma[1:] + log_sigma[:-1])
-        edges = np.concatenate([[-np.inf], midpoints, [np.inf]])  # [T+1]
-        mass = np.diff(_normal_cdf((edges - p_mean) / p_std))
-        super().__init__(_normalize(mass), torch.ones(len(alphas_cumprod)))
+        self._set_moments(params.p_mean, params.p_std)
+        super().__init__(betas)
+
+
+class LaplaceStrategy(ContinuousTimeStrategy):
+    """Laplace density in log-SNR (Hang et al. 2024, "Improved Noise Schedule for Diffusion
+    Training"): p(lambda) = exp(-|lambda - mu| / b) / (2 b). Weights 1.
+
+    Over flow time, q(t) = p(lambda(t)) |d lambda / dt| with |d lambda / dt| = 2 / (t (1 - t)).
+    """
+
+    name = "laplace"
+    params_type = LaplaceParams
+
+    def __init__(self, betas, params: LaplaceParams):
+        self.mu, self.b = float(params.mu), float(params.b)
+        super().__init__(betas)
+
+    def _log_snr_cdf(self, log_snr: np.ndarray) -> np.ndarray:
+        z = (log_snr - self.mu) / self.b
+        with np.errstate(over="ignore"):
+            return np.where(z < 0, 0.5 * np.exp(np.minimum(z, 0.0)), 1.0 - 0.5 * np.exp(-np.maximum(z, 0.0)))
+
+    def time_cdf(self, t: np.ndarray) -> np.ndarray:
+        # lambda decreases in t: P(T <= t) = P(Lambda >= lambda(t)).
+        return 1.0 - self._log_snr_cdf(flow_log_snr(t))
+
+    def time_pdf(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.double()
+        log_snr = 2.0 * (torch.log1p(-t) - torch.log(t))
+        return torch.exp(-torch.abs(log_snr - self.mu) / self.b) / (2 * self.b) * 2.0 / (t * (1 - t))
+
+    def sample_time(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        u = torch.rand(n, generator=generator, dtype=torch.float64) - 0.5  # (-0.5, 0.5)
+        log_snr = self.mu - self.b * torch.sign(u) * torch.log1p(-2 * torch.abs(u))
+        return torch.sigmoid(-log_snr / 2)
 
 
 # ----------------------------------------------------------------------------- adaptive
@@ -255,35 +350,38 @@ class LogNormalStrategy(TimestepStrategy):
 class LossAwareStrategy(TimestepStrategy):
     """IDDPM's loss-second-moment resampler with importance weights (applied to the whole loss).
 
-    Keeps the last `history` losses per step; uniform until every step's history is full, then
-    p_t ∝ sqrt(mean(loss_t^2)) mixed with `uniform_prob` of uniform. Weights 1 / (T p_t) make the
-    weighted loss an unbiased estimate of the uniform-t loss.
+    Keeps the last `history` losses per step; the baseline pmf q until every step's history is
+    full, then p_t ∝ q_t sqrt(mean(loss_t^2)) mixed with `uniform_prob` of q. Weights q_t / p_t make
+    the weighted loss an unbiased estimate of the loss under q. q is uniform over steps under DDPM
+    (weights 1 / (T p_t), as IDDPM) and, under flow, each step's cell width (uniform flow time).
     """
 
     name = "loss_aware"
     weights_apply_to = "all"
     params_type = LossAwareParams
+    adaptive = True
 
-    def __init__(self, betas, params: LossAwareParams):
+    def __init__(self, betas, params: LossAwareParams, baseline_pmf: Optional[torch.Tensor] = None):
         num_timesteps = len(_alphas_cumprod(betas))
         if not isinstance(params.history, (int, np.integer)):
             raise ValueError(f"loss_aware: history must be an integer, got {params.history!r}")
         self.history = int(params.history)
         self.uniform_prob = float(params.uniform_prob)
+        self.baseline_pmf = _uniform(num_timesteps) if baseline_pmf is None else baseline_pmf.double()
         self.loss_history = torch.zeros(num_timesteps, self.history, dtype=torch.float64)  # [T, H]
         self.loss_counts = torch.zeros(num_timesteps, dtype=torch.long)  # [T]
-        super().__init__(_uniform(num_timesteps), torch.ones(num_timesteps))
+        super().__init__(self.baseline_pmf.clone(), torch.ones(num_timesteps))
 
     def _refresh(self) -> None:
-        num_timesteps = self.num_timesteps
+        baseline = self.baseline_pmf
         if bool((self.loss_counts < self.history).any()):
-            pmf = _uniform(num_timesteps)
+            pmf = baseline.clone()
         else:
-            pmf = torch.sqrt((self.loss_history**2).mean(dim=1))  # [T]
+            pmf = baseline * torch.sqrt((self.loss_history**2).mean(dim=1))  # [T]
             pmf = pmf / pmf.sum()
-            pmf = pmf * (1.0 - self.uniform_prob) + self.uniform_prob / num_timesteps
+            pmf = pmf * (1.0 - self.uniform_prob) + self.uniform_prob * baseline
         self.pmf = pmf
-        self.weights = (1.0 / (num_timesteps * pmf)).float()
+        self.weights = (baseline / pmf).float()
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Record per-sample losses (all ranks' gathered losses; CPU or device tensors)."""
@@ -317,6 +415,181 @@ class LossAwareStrategy(TimestepStrategy):
         self._refresh()
 
 
+class LearnedWeightingStrategy(TimestepStrategy):
+    """EDM2's learned per-noise-level loss weighting, as a table: uniform sampling, and each sample's
+    loss L becomes L / exp(u_b) + u_b for its noise-level bin b (``bins`` equal groups of DDPM
+    steps; flow times through their cells), with u trained jointly by its own Adam.
+
+    At the optimum exp(u_b) = E[L | b]: every level contributes about equally, whatever its loss
+    scale. The table and its Adam moments are tensors in the checkpoint; under several workers
+    the gradient of u is averaged over all of them (``after_backward``), so every rank holds the
+    same u.
+    """
+
+    name = "learned"
+    weights_apply_to = "all"
+    params_type = LearnedParams
+    learns_weights = True
+
+    def __init__(self, betas, params: LearnedParams):
+        num_timesteps = len(_alphas_cumprod(betas))
+        if not isinstance(params.bins, (int, np.integer)) or not 1 <= params.bins <= num_timesteps:
+            raise ValueError(f"learned: bins must be an integer in [1, {num_timesteps}], got {params.bins!r}")
+        self.bins = int(params.bins)
+        self.lr = float(params.lr)
+        self.beta1, self.beta2 = 0.9, 0.99
+        self.log_scale = torch.zeros(self.bins, dtype=torch.float32, requires_grad=True)  # u [bins]
+        self.exp_avg = torch.zeros(self.bins)
+        self.exp_avg_sq = torch.zeros(self.bins)
+        self.adam_step = torch.zeros((), dtype=torch.float64)
+        super().__init__(_uniform(num_timesteps), torch.ones(num_timesteps))
+
+    def _to(self, device: torch.device) -> None:
+        if self.log_scale.device != device:
+            self.log_scale = self.log_scale.detach().to(device).requires_grad_(True)
+            self.exp_avg, self.exp_avg_sq = self.exp_avg.to(device), self.exp_avg_sq.to(device)
+            self.adam_step = self.adam_step.to(device)
+
+    def bin_of(self, steps: torch.Tensor) -> torch.Tensor:
+        return (steps.long() * self.bins) // self.num_timesteps
+
+    def transform_loss(self, loss: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        self._to(loss.device)
+        u = self.log_scale[self.bin_of(steps.to(loss.device))]  # [n]
+        return loss / torch.exp(u) + u
+
+    def after_backward(self, average: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """One Adam step on u with its gradient averaged over workers (``average``); no host sync."""
+        grad = self.log_scale.grad
+        if grad is None:
+            return
+        grad = average(grad.detach().clone())
+        with torch.no_grad():
+            self.adam_step += 1
+            self.exp_avg.mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
+            self.exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            m_hat = self.exp_avg / (1 - self.beta1 ** self.adam_step)
+            v_hat = self.exp_avg_sq / (1 - self.beta2 ** self.adam_step)
+            self.log_scale -= (self.lr * m_hat / (v_hat.sqrt() + 1e-8)).to(self.log_scale.dtype)
+        self.log_scale.grad = None
+
+    def current_weights(self) -> torch.Tensor:
+        """The effective weight 1 / exp(u) of each DDPM step [T] (for plots and logs)."""
+        steps = torch.arange(self.num_timesteps)
+        return torch.exp(-self.log_scale.detach().cpu()[self.bin_of(steps)])
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"log_scale": self.log_scale.detach().clone(), "exp_avg": self.exp_avg.clone(),
+                "exp_avg_sq": self.exp_avg_sq.clone(), "adam_step": self.adam_step.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        log_scale = torch.as_tensor(state["log_scale"])
+        if log_scale.shape != (self.bins,):
+            raise ValueError(f"learned state has {tuple(log_scale.shape)} bins; expected ({self.bins},)")
+        device = self.log_scale.device
+        self.log_scale = log_scale.detach().clone().float().to(device).requires_grad_(True)
+        self.exp_avg = torch.as_tensor(state["exp_avg"]).clone().float().to(device)
+        self.exp_avg_sq = torch.as_tensor(state["exp_avg_sq"]).clone().float().to(device)
+        self.adam_step = torch.as_tensor(state["adam_step"]).clone().double().to(device)
+
+
+class ProgressStrategy(TimestepStrategy):
+    """Samples noise levels where the loss is falling fastest: a running estimate of per-level
+    learning progress drives the density, with a floor so no level starves.
+
+    The T steps are grouped into ``bins`` bins. Each bin keeps two exponential moving averages of
+    its per-sample loss, a fast one (``fast``) and a slow one (``slow``); its progress is the
+    relative fall max(slow - fast, 0) / slow, smoothed across neighbouring bins (Gaussian of
+    ``smoothing`` bins). The sampling pmf is (1 - floor) * progress share + floor * baseline
+    (uniform over the objective's own time: 1/T per step, or the cell widths under flow), spread
+    evenly over the steps of a bin, and stays the baseline until every bin has seen ``warmup``
+    samples. With ``unbiased``, each sample is weighted baseline / pmf (an unbiased estimate of the
+    baseline objective); otherwise weights are 1. The trainer hands ``update`` every worker's losses
+    (gathered), so every rank holds the same state; the state is tensors in the checkpoint.
+    """
+
+    name = "progress"
+    weights_apply_to = "all"  # importance weights (with ``unbiased``) weight the whole loss
+    params_type = ProgressParams
+    adaptive = True
+
+    def __init__(self, betas, params: ProgressParams, baseline_pmf: Optional[torch.Tensor] = None):
+        num_timesteps = len(_alphas_cumprod(betas))
+        if not isinstance(params.bins, (int, np.integer)) or not 1 <= params.bins <= num_timesteps:
+            raise ValueError(f"progress: bins must be an integer in [1, {num_timesteps}], got {params.bins!r}")
+        if not params.fast < params.slow:
+            raise ValueError(f"progress: fast={params.fast} must be below slow={params.slow} (fast forgets sooner)")
+        self.params = params
+        self.bins = int(params.bins)
+        self.baseline_pmf = _uniform(num_timesteps) if baseline_pmf is None else baseline_pmf.double()
+        self.bin_index = (torch.arange(num_timesteps) * self.bins) // num_timesteps  # [T]
+        self.fast_mean = torch.zeros(self.bins, dtype=torch.float64)
+        self.slow_mean = torch.zeros(self.bins, dtype=torch.float64)
+        self.counts = torch.zeros(self.bins, dtype=torch.long)
+        offsets = torch.arange(self.bins, dtype=torch.float64)
+        if params.smoothing > 0:
+            kernel = torch.exp(-0.5 * ((offsets[:, None] - offsets[None, :]) / params.smoothing) ** 2)
+        else:
+            kernel = torch.eye(self.bins, dtype=torch.float64)
+        self.kernel = kernel / kernel.sum(dim=1, keepdim=True)  # [bins, bins]
+        super().__init__(self.baseline_pmf.clone(), torch.ones(num_timesteps))
+
+    def progress(self) -> torch.Tensor:
+        """Smoothed relative loss fall per bin [bins] (>= 0)."""
+        rate = torch.clamp(self.slow_mean - self.fast_mean, min=0.0) / torch.clamp(self.slow_mean, min=1e-12)
+        return self.kernel @ rate
+
+    def _refresh(self) -> None:
+        baseline = self.baseline_pmf
+        if bool((self.counts < self.params.warmup).any()):
+            pmf = baseline.clone()
+        else:
+            progress = self.progress()
+            bin_mass = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, self.bin_index, baseline)
+            if float(progress.sum()) > 0:
+                share = progress / progress.sum()  # [bins]
+                # Within a bin, follow the baseline's shape (uniform steps, or cell widths).
+                within = baseline / bin_mass[self.bin_index]
+                pmf = (1 - self.params.floor) * share[self.bin_index] * within + self.params.floor * baseline
+            else:
+                pmf = baseline.clone()
+        self.pmf = pmf / pmf.sum()
+        self.weights = (baseline / self.pmf).float() if self.params.unbiased else torch.ones(self.num_timesteps)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        bins = self.bin_index[t.detach().cpu().long().reshape(-1)]
+        values = losses.detach().cpu().double().reshape(-1)
+        if bins.numel() != values.numel():
+            raise ValueError(f"update: got {bins.numel()} timesteps but {values.numel()} losses")
+        total = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, values)
+        count = torch.zeros(self.bins, dtype=torch.long).index_add_(0, bins, torch.ones_like(bins))
+        seen = count > 0
+        batch_mean = total[seen] / count[seen]
+        first = seen & (self.counts == 0)
+        self.fast_mean[first] = total[first] / count[first]
+        self.slow_mean[first] = total[first] / count[first]
+        again = seen & ~first
+        mean_again = total[again] / count[again]
+        self.fast_mean[again] = self.params.fast * self.fast_mean[again] + (1 - self.params.fast) * mean_again
+        self.slow_mean[again] = self.params.slow * self.slow_mean[again] + (1 - self.params.slow) * mean_again
+        del batch_mean
+        self.counts += count
+        self._refresh()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"fast_mean": self.fast_mean.clone(), "slow_mean": self.slow_mean.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("fast_mean", "slow_mean", "counts"):
+            value = torch.as_tensor(state[key])
+            if value.shape != (self.bins,):
+                raise ValueError(f"progress state {key} has shape {tuple(value.shape)}; expected ({self.bins},)")
+        self.fast_mean = torch.as_tensor(state["fast_mean"]).double().clone()
+        self.slow_mean = torch.as_tensor(state["slow_mean"]).double().clone()
+        self.counts = torch.as_tensor(state["counts"]).long().clone()
+        self._refresh()
+
+
 # ----------------------------------------------------------------------------- composition
 
 
@@ -329,6 +602,14 @@ class ComposedStrategy(TimestepStrategy):
         self.name = f"{sampler.name}+{weighter.name}"
         self.weights_apply_to = weighter.weights_apply_to
         self.num_timesteps = sampler.num_timesteps
+        self.adaptive = sampler.adaptive or weighter.adaptive
+        self.learns_weights = weighter.learns_weights
+
+    def transform_loss(self, loss: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        return self.weighter.transform_loss(loss, steps)
+
+    def after_backward(self, average: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.weighter.after_backward(average)
 
     @property
     def pmf(self) -> torch.Tensor:
@@ -354,6 +635,88 @@ class ComposedStrategy(TimestepStrategy):
         self.weighter.load_state_dict(state.get("weighting", {}))
 
 
+class FlowTimeStrategy:
+    """A strategy under the flow objective: float t in [0, 1] and weights, carried by log-SNR.
+
+    Steps-native samplers draw a DDPM step (their own ``sample``, so SpeeD's dual reflection stays)
+    and then t uniformly inside that step's cell; time-native samplers draw t directly; uniform
+    draws t ~ U[0, 1]. Each t gets the weighting strategy's weight of the step whose cell holds it.
+    ``update`` hands adaptive strategies the cell of each t, so their state is over DDPM steps.
+    """
+
+    objective = "flow"
+
+    def __init__(self, sampler: TimestepStrategy, weighter: TimestepStrategy, cells: NoiseCells):
+        self.sampler = sampler
+        self.weighter = weighter
+        self.cells = cells
+        self.name = sampler.name if sampler is weighter else f"{sampler.name}+{weighter.name}"
+        self.weights_apply_to = weighter.weights_apply_to
+        self.num_timesteps = cells.num_timesteps
+        self.adaptive = sampler.adaptive or weighter.adaptive
+        self.learns_weights = weighter.learns_weights
+
+    def transform_loss(self, loss: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.weighter.transform_loss(loss, self.cells.cell_of(t))
+
+    def after_backward(self, average: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.weighter.after_backward(average)
+
+    @property
+    def pmf(self) -> torch.Tensor:
+        """Mass of each DDPM step's cell of t [T] (uniform t: the cell widths)."""
+        return self.cells.widths.clone() if self.sampler.native == "both" else self.sampler.pmf
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The weight of each cell [T]."""
+        return self.weighter.weights
+
+    def density(self, t: torch.Tensor) -> torch.Tensor:
+        """Density of the sampled t at t [n] (float64)."""
+        if self.sampler.native == "both":
+            return torch.ones_like(t, dtype=torch.float64)
+        if self.sampler.native == "time":
+            return self.sampler.time_pdf(t)
+        return self.cells.density_of_pmf(self.sampler.pmf, t)
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.sampler.native == "both":
+            t = torch.rand(n, generator=generator, dtype=torch.float64)
+        elif self.sampler.native == "time":
+            t = self.sampler.sample_time(n, generator)
+        else:
+            steps, _ = self.sampler.sample(n, generator)
+            t = self.cells.uniform_in_cells(steps, generator)
+        t = t.float()  # what the model sees; its cell (not the float64 draw's) sets the weight
+        return t, self.weighter.weights[self.cells.cell_of(t)]  # [n], [n]
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        steps = self.cells.cell_of(t)
+        self.sampler.update(steps, losses)
+        if self.weighter is not self.sampler:
+            self.weighter.update(steps, losses)
+
+    def state_dict(self) -> Dict[str, Any]:
+        # The same layout as under DDPM, so the checkpoint format does not depend on the objective.
+        if self.weighter is self.sampler:
+            return self.sampler.state_dict()
+        return {"sampling": self.sampler.state_dict(), "weighting": self.weighter.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.weighter is self.sampler:
+            self.sampler.load_state_dict(state)
+        else:
+            self.sampler.load_state_dict(state.get("sampling", {}))
+            self.weighter.load_state_dict(state.get("weighting", {}))
+
+    def __repr__(self) -> str:
+        return f"FlowTimeStrategy({self.name}, T={self.num_timesteps})"
+
+
+# Weightings whose importance weights assume their own sampling pmf.
+OWN_SAMPLING_WEIGHTINGS = ("loss_aware", "progress")
+
 _REGISTRY = {
     cls.name: cls
     for cls in (
@@ -365,6 +728,9 @@ _REGISTRY = {
         LogitNormalStrategy,
         LogNormalStrategy,
         LossAwareStrategy,
+        LaplaceStrategy,
+        LearnedWeightingStrategy,
+        ProgressStrategy,
     )
 }
 
@@ -422,9 +788,14 @@ def build_timestep_strategy(
     sampling: Optional[str] = None,
     weighting: Optional[str] = None,
     params: Optional[Mapping[str, Any]] = None,
+    objective: str = "ddpm",
     **kwargs: Any,
-) -> TimestepStrategy:
+):
     """Build a timestep strategy from the registry (names: TIMESTEP_STRATEGIES).
+
+    ``objective="ddpm"`` gives integer steps (a ``TimestepStrategy``); ``objective="flow"`` gives
+    float t in [0, 1] (a ``FlowTimeStrategy``), with every strategy carried across by log-SNR over
+    the noise levels of ``betas`` (so SpeeD's tau stays a DDPM step of that schedule).
 
     `name` sets both the sampling distribution and the weights; `sampling` / `weighting` override
     either one. When they differ, steps come from the sampling strategy (its pmf, including SpeeD's
@@ -456,19 +827,29 @@ def build_timestep_strategy(
         given[name] = kwargs
     all_params = {key: _make_params(key, value) for key, value in given.items()}
 
-    if weighting == "loss_aware" and sampling != "loss_aware":
+    if weighting in OWN_SAMPLING_WEIGHTINGS and sampling != weighting:
         raise ValueError(
-            f"weighting 'loss_aware' needs sampling 'loss_aware' (its importance weights assume its own "
+            f"weighting {weighting!r} needs sampling {weighting!r} (its importance weights assume its own "
             f"pmf); got sampling {sampling!r}"
         )
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    cells = NoiseCells(betas) if objective == "flow" else None
 
     def make(strategy_name: str) -> TimestepStrategy:
         cls = _REGISTRY[strategy_name]
         if cls.params_type is None:
             return cls(betas)
         params = all_params.get(strategy_name)
-        return cls(betas, params if params is not None else _make_params(strategy_name, None))
+        params = params if params is not None else _make_params(strategy_name, None)
+        if cls.adaptive and cells is not None:
+            return cls(betas, params, baseline_pmf=cells.widths)  # their baseline: uniform flow time
+        return cls(betas, params)
 
+    if objective == "flow":
+        sampler = make(sampling)
+        return FlowTimeStrategy(sampler, sampler if sampling == weighting else make(weighting), cells)
     if sampling == weighting:
         return make(sampling)
     return ComposedStrategy(make(sampling), make(weighting))

@@ -1,4 +1,5 @@
-"""Evaluation: FID, Inception Score, improved precision/recall, and the digits classifier metrics."""
+"""Evaluation: FID, Inception Score, improved precision/recall, the digits classifier metrics, and the
+in-training evaluator of any small dataset (``dataset_fid``: ``fid_<dataset>``)."""
 
 from speed.evaluate.digits import (
     DigitsClassifier,
@@ -6,6 +7,15 @@ from speed.evaluate.digits import (
     digits_metrics,
     get_digits_classifier,
     train_digits_classifier,
+)
+from speed.evaluate.dataset_fid import (
+    DatasetEvaluator,
+    EvalData,
+    dataset_name,
+    eval_data_from_arrays,
+    eval_data_from_config,
+    fid_metric_name,
+    get_dataset_evaluator,
 )
 from speed.evaluate.features import ExtractorSpec, FeatureWorker
 from speed.evaluate.inception import (
@@ -37,7 +47,9 @@ from speed.evaluate.stats import (
 
 __all__ = [
     "ArraySource",
+    "DatasetEvaluator",
     "DigitsClassifier",
+    "EvalData",
     "ExtractorSpec",
     "FeatureStatistics",
     "FeatureWorker",
@@ -51,10 +63,15 @@ __all__ = [
     "ReferenceStatistics",
     "RunningStatistics",
     "class_accuracy",
+    "dataset_name",
     "default_classifier_uri",
     "digits_metrics",
+    "eval_data_from_arrays",
+    "eval_data_from_config",
     "feature_statistics",
+    "fid_metric_name",
     "frechet_distance",
+    "get_dataset_evaluator",
     "get_digits_classifier",
     "inception_score",
     "load_inception",

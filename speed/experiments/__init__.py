@@ -1,5 +1,6 @@
 """Experiment logic shared by the Tune ablations (``ray_jobs.tune``) and the convergence benchmark
-(``benchmarks.speedup``): search-space expansion, results tables, speed-up computation, plots.
+(``benchmarks.speedup``): search-space expansion, results tables, speed-up computation, plots, and
+the config fingerprint that decides whether a trial's run may be resumed.
 
 Pure library code: no Ray here (the front ends adapt it to Ray Tune or run trials in-process).
 """
@@ -13,6 +14,13 @@ from speed.experiments.convergence import (
     speedup,
     speedup_summary,
     steps_to_target,
+)
+from speed.experiments.fingerprint import (
+    FingerprintMismatch,
+    check_run_fingerprint,
+    config_fingerprint,
+    fingerprint_differences,
+    resolved_config,
 )
 from speed.experiments.report import TrialRecord, best_row, build_rows, rows_to_csv, rows_to_markdown
 from speed.experiments.space import (
@@ -30,6 +38,7 @@ from speed.experiments.space import (
 
 __all__ = [
     "Dimension",
+    "FingerprintMismatch",
     "SEED_KEY",
     "STRATEGY_KEY",
     "TrialRecord",
@@ -37,13 +46,17 @@ __all__ = [
     "best_point",
     "best_row",
     "build_rows",
+    "check_run_fingerprint",
     "check_search_space",
+    "config_fingerprint",
     "final_value",
+    "fingerprint_differences",
     "grid_points",
     "mean_curve",
     "metric_curve",
     "num_trials",
     "parse_search_space",
+    "resolved_config",
     "rows_to_csv",
     "rows_to_markdown",
     "speedup",

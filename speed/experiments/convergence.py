@@ -1,6 +1,6 @@
 """Metric curves, steps-to-target and convergence speed-up (pure Python, no Ray, no torch).
 
-A curve is a list of ``(step, value)`` pairs in increasing step order, e.g. digits-FID of the EMA
+A curve is a list of ``(step, value)`` pairs in increasing step order, e.g. fid_digits of the EMA
 model at each evaluation step. ``mode`` says which way is better: ``min`` (FID, loss) or ``max``
 (class accuracy).
 

@@ -10,7 +10,8 @@ from speed.models.registry import (
     describe,
     list_presets,
     model_geometry,
+    preset_summary,
 )
 
 __all__ = ["DiT", "build_dit", "build_model", "describe", "model_geometry", "ModelDescription", "DIT_PRESETS",
-           "list_presets", "count_parameters"]
+           "list_presets", "preset_summary", "count_parameters"]

@@ -19,7 +19,7 @@ import torch
 
 from speed import storage
 from speed.config.schema import ModelConfig, StorageConfig
-from speed.models.registry import ModelDescription, build_model
+from speed.models.registry import ModelDescription, architecture, build_model
 from speed.models.export import WeightsError, save_export
 
 # What DiT's published checkpoints were trained with (ImageNet, SD-VAE latents, 1000 linear steps).
@@ -86,7 +86,7 @@ def dit_description(model_name: str, image_size: int, num_classes: int = DIT_NUM
         raise ValueError(f"--image-size {image_size} must be a multiple of {DIT_VAE_DOWNSAMPLE} (SD-VAE latents)")
     model_cfg = ModelConfig(name=model_name, num_classes=num_classes, learn_sigma=learn_sigma, class_dropout_prob=0.1)
     return ModelDescription(
-        model={k: getattr(model_cfg, k) for k in model_cfg.__dataclass_fields__},
+        model=architecture(model_cfg),
         input_size=image_size // DIT_VAE_DOWNSAMPLE,
         in_channels=DIT_LATENT_CHANNELS,
         data_format="latents",

@@ -6,17 +6,19 @@ adaptive LayerNorm with zero-initialised gates ("adaLN-Zero") predicts the
 noise (and, with ``learn_sigma``, the per-pixel variance interpolation).
 
 Parameter and buffer names follow the reference implementation so published
-DiT checkpoints load with ``strict=True``.
+DiT checkpoints load with ``strict=True``. The block options (``speed.models.blocks``) and token
+routing (``speed.models.routing``, training only) are off by default, which is exactly DiT.
 """
 
-import functools
 import math
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp, PatchEmbed
-from timm.models.vision_transformer import Attention
+from timm.layers import PatchEmbed
+
+from speed.models.blocks import BlockOptions, Rope2D, make_attention, make_mlp, make_norm
+from speed.models.routing import Route, gather_tokens, scatter_tokens
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -105,21 +107,25 @@ class LabelEmbedder(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Transformer block whose LayerNorms are modulated by the conditioning (adaLN-Zero)."""
+    """Transformer block whose norms are modulated by the conditioning (adaLN-Zero)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 options: Optional[BlockOptions] = None):
         super().__init__()
+        options = options or BlockOptions()
         # No affine params: the per-sample shift/scale from the conditioning take their place.
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        approx_gelu = functools.partial(nn.GELU, approximate="tanh")
-        self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio), act_layer=approx_gelu, drop=0)
+        self.norm1 = make_norm(options.norm, hidden_size)
+        self.attn = make_attention(hidden_size, num_heads, options)
+        self.norm2 = make_norm(options.norm, hidden_size)
+        self.mlp = make_mlp(options.mlp, hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [N, T, D], c [N, D]; rope: the rotary table of x's tokens (pos_embed=rope2d only)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [N, D]
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # [N, T, D]
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # [N, T, D]
+        h = self.attn(h) if rope is None else self.attn(h, rope=rope)
+        x = x + gate_msa.unsqueeze(1) * h  # [N, T, D]
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # [N, T, D]
         return x
 
@@ -127,9 +133,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated norm, then a linear map from each token to its patch of output pixels."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -158,8 +164,13 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        qk_norm: bool = False,
+        pos_embed: str = "sincos",
     ):
         super().__init__()
+        options = BlockOptions(norm=norm, mlp=mlp, qk_norm=qk_norm, pos_embed=pos_embed)
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if height % patch_size or width % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -175,17 +186,26 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.input_size = (height, width)
+        self.options = options
 
         self.x_embedder = PatchEmbed((height, width), patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # Fixed sin-cos embedding, filled in initialize_weights. A persistent buffer (not a
-        # parameter) keeps it out of the optimiser and FSDP sharding while still saving/loading
-        # it as "pos_embed" like DiT.
-        self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, hidden_size))  # [1, T, D]
+        if options.uses_rope:
+            # Relative positions in every attention layer replace the absolute embedding.
+            self.pos_embed = None
+            self.rope = Rope2D(hidden_size // num_heads, self.x_embedder.grid_size)
+        else:
+            # Fixed sin-cos embedding, filled in initialize_weights. A persistent buffer (not a
+            # parameter) keeps it out of the optimiser and FSDP sharding while still saving/loading
+            # it as "pos_embed" like DiT.
+            self.register_buffer("pos_embed", torch.zeros(1, self.x_embedder.num_patches, hidden_size))  # [1, T, D]
+            self.rope = None
 
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, options=options) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=options.norm)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -200,8 +220,11 @@ class DiT(nn.Module):
         # Filled here, not in __init__, so a meta-device model materialised with to_empty()
         # is fully initialised by calling this method.
         grid_h, grid_w = self.x_embedder.grid_size
-        with torch.no_grad():
-            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_h, grid_w).unsqueeze(0))
+        if self.pos_embed is not None:
+            with torch.no_grad():
+                self.pos_embed.copy_(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_h, grid_w).unsqueeze(0))
+        if self.rope is not None:
+            self.rope.reset()
 
         # Patch embedding is a linear map on flattened patches; initialise it like one.
         w = self.x_embedder.proj.weight.data
@@ -231,8 +254,14 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)  # [N, C, H, W]
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_mask: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        drop_mask: Optional[torch.Tensor] = None,
+        route: Optional[Route] = None,
+        capture_block: Optional[int] = None,
+    ):
         """
         x: [N, C, H, W] noisy images or latents
         t: [N] diffusion timesteps (int or float)
@@ -241,15 +270,41 @@ class DiT(nn.Module):
             explicitly it applies in train and eval mode; when None, training draws one with
             ``torch.rand`` on the labels' device (see ``LabelEmbedder.draw_drop_mask`` for a
             generator-driven, reproducible draw).
+        route: token routing (``speed.models.routing``); applied in training mode only, so
+            evaluation and sampling always use every token.
+        capture_block: also return the hidden states after this many blocks (REPA): then the
+            result is (output, hidden [N, T', D], keep) where keep [N, T'] are the token indices
+            of hidden when it lies inside the routed span, else None (every token, T' = T).
+
+        Returns [N, C_out, H, W], or the triple above.
         """
-        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # [N, T, D]
+        x = self.x_embedder(x)  # [N, T, D]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
         t = self.t_embedder(t)  # [N, D]
         y = self.y_embedder(y, self.training, force_drop_ids=drop_mask)  # [N, D]
         c = t + y  # [N, D]
-        for block in self.blocks:
-            x = block(x, c)  # [N, T, D]
+        routed = route is not None and self.training
+        rope = self.rope.embed() if self.rope is not None else None
+        full, keep, hidden, hidden_keep = x, None, None, None
+        for index in range(len(self.blocks) + 1):
+            if routed and index == route.end:
+                x, keep = scatter_tokens(full, x, route.keep), None  # the waiting tokens rejoin
+                rope = self.rope.embed() if self.rope is not None else None
+            if index == capture_block:
+                hidden, hidden_keep = x, keep
+            if index == len(self.blocks):
+                break
+            if routed and index == route.start:
+                full, keep = x, route.keep
+                x = gather_tokens(x, keep)  # [N, K, D]
+                rope = self.rope.embed(keep) if self.rope is not None else None
+            x = self.blocks[index](x, c) if rope is None else self.blocks[index](x, c, rope)  # [N, T or K, D]
         x = self.final_layer(x, c)  # [N, T, p*p*C_out]
-        return self.unpatchify(x)  # [N, C_out, H, W]
+        out = self.unpatchify(x)  # [N, C_out, H, W]
+        if capture_block is not None:
+            return out, hidden, hidden_keep
+        return out
 
 
 #################################################################################

@@ -14,7 +14,8 @@ from typing import Iterator, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from speed.config.schema import ConfigError, SamplingConfig
+from speed.config.schema import FLOW_SAMPLERS, ConfigError, SamplingConfig
+from speed.config.validate import check_objective
 from speed.diffusion import guided_model
 from speed.diffusion.factory import build_sampling_diffusion
 from speed.seeding import stream_seed
@@ -54,7 +55,10 @@ def _cached_diffusion(num_timesteps: int, schedule: str, learn_sigma: bool, samp
 
 
 def sampling_diffusion(description: ModelDescription, sampling_cfg: SamplingConfig):
-    """The respaced diffusion that ``sampling.sampler`` / ``sampling.steps`` describe for this model."""
+    """The respaced diffusion that ``sampling.sampler`` / ``sampling.steps`` describe for this model
+    (the flow path for a flow sampler); a sampler of the other objective is refused."""
+    objective = getattr(description, "objective", "ddpm")
+    check_objective(objective, sampling_cfg.sampler, f"the objective this model was trained with ({objective})")
     try:
         return _cached_diffusion(
             int(description.num_timesteps),
@@ -151,7 +155,12 @@ def generate_tensor(
     # Latents are not bounded to [-1, 1]; DiT samples them with clip_denoised=False.
     clip = bool(sampling_cfg.clip_denoised) and not description.is_latent
     with _eval_mode(model):
-        if sampling_cfg.sampler == "ddim":
+        if sampling_cfg.sampler in FLOW_SAMPLERS:
+            out = diffusion.sample_loop(
+                forward, shape, steps=int(sampling_cfg.steps), method=sampling_cfg.sampler,
+                model_kwargs={"y": y}, device=device, generator=generators,
+            )
+        elif sampling_cfg.sampler == "ddim":
             out = diffusion.ddim_sample_loop(
                 forward, shape, model_kwargs={"y": y}, device=device, clip_denoised=clip,
                 eta=float(sampling_cfg.eta), generator=generators,

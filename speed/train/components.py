@@ -1,9 +1,9 @@
 """The training loop's components. Each owns its schedule and its state, receives only the
 config it needs, and is asked by the loop whether it is due at a step.
 
-  MetricLogger   log records (every one has ``step``) -> metrics parts, TensorBoard, progress
+  MetricLogger   log records (every one has ``step``) -> metrics parts, TensorBoard, trackers, progress
   Checkpointer   the whole training state -> the reporter (which puts it in the run folder)
-  Evaluator      digits-FID / class accuracy of EMA samples
+  Evaluator      fid_<dataset> / class accuracy of EMA samples (an evaluator trained on the dataset)
   SampleGrid     a PNG grid of EMA samples
 """
 
@@ -23,11 +23,12 @@ from typing import Any, Callable, Dict, List, Optional, Protocol
 import torch
 
 from speed import storage
-from speed.config.schema import EvalConfig, SampleConfig, SamplingConfig, StorageConfig
+from speed.config.schema import DataConfig, EvalConfig, SampleConfig, SamplingConfig, StorageConfig
 from speed.models.registry import ModelDescription
 from speed.train.checkpoint import AfterShards, TrainState, assert_finite, save_checkpoint
 from speed.train.distributed import DistEnv
 from speed.train.run_layout import RunLayout, checkpoint_dir_name
+from speed.train.trackers import Trackers
 
 log = logging.getLogger("speed.train")
 
@@ -65,8 +66,11 @@ class MetricLogger:
     for local runs, uploaded at checkpoints and at the end for s3:// runs). Shows a progress bar
     on a terminal and one log line per record otherwise."""
 
-    def __init__(self, layout: RunLayout, env: DistEnv, *, schedule: Schedule, run_name: str, progress: bool):
+    def __init__(self, layout: RunLayout, env: DistEnv, *, schedule: Schedule, run_name: str, progress: bool,
+                 tensorboard: bool = True, trackers: Optional[Trackers] = None):
         self.layout = layout
+        self.tensorboard = tensorboard
+        self.trackers = trackers  # mlflow / wandb (speed.train.trackers), rank 0 only
         self.env = env
         self.schedule = schedule
         self.run_name = run_name
@@ -89,7 +93,10 @@ class MetricLogger:
         self.layout.truncate_metrics(start_step)
         storage.write_text(self.layout.config_uri, json.dumps(config, indent=1, sort_keys=True), self.layout.storage_cfg)
         self.roll = True
-        self._open_tensorboard(start_step)
+        if self.tensorboard:
+            self._open_tensorboard(start_step)
+        if self.trackers:
+            self.trackers.start(self.run_name, config, start_step)
         if self.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -125,11 +132,31 @@ class MetricLogger:
             self.part.append(clean)
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.part)
         storage.write_text(self.layout.metrics_part_uri(self.part_first_step), text, self.layout.storage_cfg)
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                self.tb.add_scalar(key, value, step)
-        self.tb.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.tb.add_scalar(key, value, step)
+            if isinstance(record.get("sample_grid"), str):
+                self._tensorboard_image(record["sample_grid"], step)
+            self.tb.flush()
+        if self.trackers:
+            self.trackers.log(record, read_image=lambda uri: storage.read_bytes(uri, self.layout.storage_cfg))
         self._show(record)
+
+    def _tensorboard_image(self, uri: str, step: int) -> None:
+        """The grid as a TensorBoard image; best effort (the PNG itself is already in samples/)."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        try:
+            png = storage.read_bytes(uri, self.layout.storage_cfg)
+            image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        except Exception as exc:  # noqa: BLE001 - an image for the dashboard never stops training
+            log.warning("tensorboard: could not add the sample grid %s (%s)", uri, exc)
+            return
+        self.tb.add_image("samples", image, step, dataformats="HWC")
 
     def _show(self, record: Dict[str, Any]) -> None:
         step = int(record["step"])
@@ -142,7 +169,8 @@ class MetricLogger:
         if not self.progress:
             return
         parts = [f"step {step}/{self.schedule.last_step}"]
-        for key, fmt in (("loss", "loss {:.4f}"), ("images_per_sec", "{:.0f} img/s"), ("digits_fid", "digits_fid {:.3f}"),
+        fids = [(k, k + " {:.3f}") for k in record if k.startswith("fid_")]  # fid_<dataset>
+        for key, fmt in (("loss", "loss {:.4f}"), ("images_per_sec", "{:.0f} img/s"), *fids,
                          ("class_accuracy", "class_accuracy {:.3f}"), ("sample_grid", "grid {}")):
             if record.get(key) is not None:
                 parts.append(fmt.format(record[key]))
@@ -161,9 +189,11 @@ class MetricLogger:
             storage.write_bytes(storage.join(self.layout.tensorboard_uri, path.name), path.read_bytes(),
                                 self.layout.storage_cfg)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.trackers:
+            self.trackers.close(failed=failed)
         if self.tb is not None:
             self.tb.close()
             self._upload_tensorboard()
@@ -172,19 +202,31 @@ class MetricLogger:
 
 
 class StepTimer:
-    """Wall time and data-wait time of the steps since the last log record."""
+    """Wall time and data-wait time of the steps since the last log record, and the CPU-seconds
+    this process spent fetching and stepping since the run began (``train_cpu_s``: evaluation,
+    sampling and checkpoints excluded; continued from ``cpu_s_before`` on resume), which the
+    benchmarks compare strategies by."""
 
-    def __init__(self, global_batch: int, start_step: int):
+    def __init__(self, global_batch: int, start_step: int, cpu_s_before: float = 0.0):
         self.global_batch = global_batch
         self.last_step = start_step
         self.began = time.perf_counter()
         self.data_wait = 0.0
+        self.train_cpu_s = float(cpu_s_before)
+        self._cpu_began: Optional[float] = None
 
     def fetch(self, source, step: int, offset: int, count: int):
+        self._cpu_began = time.process_time()
         began = time.perf_counter()
         batch = source.batch(step, offset, count)
         self.data_wait += time.perf_counter() - began
         return batch
+
+    def stepped(self) -> None:
+        """Call after the optimizer step that followed ``fetch``."""
+        if self._cpu_began is not None:
+            self.train_cpu_s += time.process_time() - self._cpu_began
+            self._cpu_began = None
 
     def read(self, step: int) -> Dict[str, float]:
         elapsed = max(time.perf_counter() - self.began, 1e-9)
@@ -193,6 +235,7 @@ class StepTimer:
             "images_per_sec": steps * self.global_batch / elapsed,
             "step_time_s": elapsed / steps,
             "data_wait_fraction": self.data_wait / elapsed,
+            "train_cpu_s": self.train_cpu_s,
         }
         self.last_step, self.began, self.data_wait = step, time.perf_counter(), 0.0
         return out
@@ -239,35 +282,52 @@ def auto_eval_num_samples(resolution: int) -> int:
 
 
 class Evaluator:
-    """digits-FID and class accuracy of EMA samples (the CPU configs' metric); rank 0 samples."""
+    """``fid_<dataset>``, precision, recall and class accuracy of EMA samples (the CPU configs'
+    metrics), judged by a small classifier trained on the dataset being trained and its held-out
+    split (``speed.evaluate.dataset_fid``); rank 0 samples."""
 
     def __init__(self, description: ModelDescription, *, schedule: Schedule, num_samples: Optional[int],
-                 eval_cfg: EvalConfig, sampling: SamplingConfig, classifier_uri: str,
+                 eval_cfg: EvalConfig, sampling: SamplingConfig, data: DataConfig, cache_uri: str,
                  storage_cfg: Optional[StorageConfig], seed: int):
+        from speed.evaluate.dataset_fid import supports_in_training_eval
+
         self.description = description
         self.schedule = schedule
         self.sampling = sampling
-        self.classifier_uri = classifier_uri
+        self.data = data
+        self.cache_uri = cache_uri
         self.storage_cfg = storage_cfg
         self.seed = seed
         self.num_samples = auto_eval_num_samples(description.resolution) if num_samples is None else num_samples
-        # Only pixel-space digits-like data has an evaluator that runs inside training.
+        # Only pixel data the evaluator can train its classifier on is evaluated inside training.
         self.enabled = self.num_samples > 0 and eval_cfg.feature_extractor == "digits" and not description.is_latent
+        if self.enabled and not supports_in_training_eval(data):
+            log.warning("no in-training evaluation for data.format=%s (digits, patches and imagefolder have one); "
+                        "evaluate exports with python -m ray_jobs.evaluate", data.format)
+            self.enabled = False
+        self._evaluator = None
 
     def due(self, step: int) -> bool:
         return self.enabled and self.schedule.due(step)
 
     def run(self, model: torch.nn.Module) -> Dict[str, Any]:
-        from speed.evaluate import digits_metrics, get_digits_classifier
         from speed.sample import generate
 
         n = self.num_samples
         num_classes = self.description.model_config().num_classes
         labels = [i % num_classes for i in range(n)]
         images = generate(model, self.description, self.sampling, labels, list(range(n)), self.seed + 1, "cpu")
-        # The classifier is trained once and cached beside the runs, not retrained by every worker.
-        classifier = get_digits_classifier(self.classifier_uri, self.storage_cfg)
-        return digits_metrics(images, labels, classifier=classifier)
+        return self.evaluator().metrics(images, labels)
+
+    def evaluator(self):
+        """The dataset's evaluator: trained once and cached beside the runs, not by every worker."""
+        if self._evaluator is None:
+            from speed.evaluate.dataset_fid import eval_data_from_config, get_dataset_evaluator
+
+            num_classes = self.description.model_config().num_classes
+            data = eval_data_from_config(self.data, self.storage_cfg, num_classes)
+            self._evaluator = get_dataset_evaluator(data, self.cache_uri, self.storage_cfg)
+        return self._evaluator
 
 
 class SampleGrid:

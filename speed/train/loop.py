@@ -35,6 +35,7 @@ from speed.train.components import (
 from speed.train.distributed import DistEnv
 from speed.train.optim import lr_at
 from speed.train.run_layout import RunLayout
+from speed.train.trackers import Trackers
 from speed.train.trainer import Trainer
 
 log = logging.getLogger("speed.train")
@@ -66,7 +67,8 @@ class TrainResult:
 def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
     """The Trainer of a config: each part gets its own section."""
     return Trainer(describe(cfg.model, cfg.data, cfg.diffusion), diffusion=cfg.diffusion, optim=cfg.optim,
-                   train=cfg.train, parallel=cfg.parallel, seed=cfg.run.seed, env=env)
+                   train=cfg.train, parallel=cfg.parallel, seed=cfg.run.seed, env=env, routing=cfg.model.routing,
+                   repa=cfg.repa, storage=cfg.storage)
 
 
 def _agree(flag: bool, env: DistEnv) -> bool:
@@ -111,27 +113,31 @@ def train(
         load_state_dict_checked(trainer.description.build(), tensors, source=cfg.train.init_from, key="train.init_from")
         trainer.init_weights(tensors)
 
-    from speed.evaluate import default_classifier_uri
+    from speed.evaluate.dataset_fid import default_cache_uri
 
+    trackers = (Trackers.for_run(cfg.run.trackers, project=cfg.run.tracker_project, layout=layout)
+                if env.is_main else None)
     logger = MetricLogger(layout, env, schedule=Schedule(cfg.train.log_every, total), run_name=cfg.run.name,
-                          progress=progress)
+                          progress=progress, tensorboard="tensorboard" in cfg.run.trackers, trackers=trackers)
     checkpointer = Checkpointer(env, schedule=Schedule(cfg.train.checkpoint_every, total), reporter=reporter,
                                 config=to_dict(cfg), after_shards=after_shards)
     evaluator = Evaluator(trainer.description, schedule=Schedule(cfg.train.eval_every, total),
                           num_samples=cfg.train.eval_num_samples, eval_cfg=cfg.eval, sampling=cfg.sampling,
-                          classifier_uri=default_classifier_uri(cfg.eval, cfg.run.output_uri),
+                          data=cfg.data, cache_uri=default_cache_uri(cfg.eval, cfg.run.output_uri),
                           storage_cfg=cfg.storage, seed=cfg.run.seed)
     grid = SampleGrid(trainer.description, layout, schedule=Schedule(cfg.train.sample_every, total),
                       sample=cfg.sample, sampling=cfg.sampling)
     stop = stop or StopRequested()
-    timer = StepTimer(trainer.global_batch, start_step)
+    timer = StepTimer(trainer.global_batch, start_step, cpu_s_before=_cpu_seconds_before(layout, start_step) if env.is_main else 0.0)
     logger.start(start_step, to_dict(cfg))
     export_uri = None
     step = start_step
+    failed = False
     try:
         while step < total:
             x, y = timer.fetch(source, step, trainer.offset, trainer.count)
             trainer.train_step(step, x, y)
+            timer.stepped()
             step += 1
             images_seen += trainer.global_batch
 
@@ -164,8 +170,11 @@ def train(
                 extra = _evaluate_and_sample(trainer, env, step, evaluator, grid)
                 logger.log(extra)
                 reporter.report(_plain(extra))
+    except BaseException:
+        failed = True
+        raise
     finally:
-        logger.close()
+        logger.close(failed=failed)
     wall_records = [r for r in logger.history if "images_per_sec" in r]
     return TrainResult(
         steps=step,
@@ -175,6 +184,14 @@ def train(
         export_uri=export_uri,
         history=logger.history,
     )
+
+
+def _cpu_seconds_before(layout: RunLayout, start_step: int) -> float:
+    """The training CPU-seconds a resumed run had spent up to its checkpoint (0 for a fresh run)."""
+    if start_step == 0:
+        return 0.0
+    spent = [r["train_cpu_s"] for r in layout.iter_metrics() if "train_cpu_s" in r and r.get("step", 0) <= start_step]
+    return float(spent[-1]) if spent else 0.0
 
 
 def _training_record(trainer: Trainer, env: DistEnv, step: int, images_seen: int, start_step: int,
@@ -193,6 +210,7 @@ def _training_record(trainer: Trainer, env: DistEnv, step: int, images_seen: int
         "global_batch_size": trainer.global_batch,
         "resumed_from_step": start_step,  # the checkpoint this attempt started from (0: fresh)
         "lr": lr_at(step - 1, cfg.optim),
+        "train_flops_per_image": trainer.train_flops_per_image,  # to compare strategies by compute
         **values,
         **timer.read(step),
     }

@@ -1,7 +1,9 @@
 """The only place models get wrapped: FSDP2, DDP, activation checkpointing, torch.compile.
 
 The model file knows nothing about any of this; ``parallelize`` takes a plain DiT (with a
-``blocks`` ModuleList) and returns the module to train.
+``blocks`` ModuleList) and returns the module to train. Token routing needs nothing here: the
+gather and scatter happen in the DiT's forward, outside the (checkpointed, compiled) blocks, and
+the kept-token count is fixed per run, so a compiled block sees two shapes at most.
 """
 
 from __future__ import annotations
@@ -55,6 +57,22 @@ def parallelize(model: nn.Module, *, parallel: ParallelConfig, env: DistEnv) -> 
         for block in _unwrap(model).blocks:
             block.compile()
     return model
+
+
+def parallelize_aux(module: nn.Module, *, parallel: ParallelConfig, env: DistEnv) -> nn.Module:
+    """Wrap a small trainable module that lives beside the DiT (REPA's projector) like the DiT:
+    its own FSDP2 root (same mixed precision) or its own DDP; frozen modules are never wrapped."""
+    module.to(env.device)
+    strategy = effective_strategy(parallel, env)
+    if strategy == "fsdp":
+        dtype = compute_dtype(parallel, env.device)
+        fully_shard(module, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+    elif strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        module = DistributedDataParallel(module, device_ids=ids)
+    return module
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,53 @@
+"""Compute-to-quality speed-ups of a cell against the plain baseline, on synthetic histories."""
+
+from __future__ import annotations
+
+import pytest
+
+from speed.experiments.compute import baseline_convergence, baseline_targets, cell_speedup, evaluation_points
+
+
+def history(values, every=100, flops=10.0, batch=4, cpu_per_step=0.5):
+    """Eval records every ``every`` steps with the given metric values."""
+    return [{"step": (i + 1) * every, "fid": v, "train_flops_per_image": flops, "global_batch_size": batch,
+             "train_cpu_s": (i + 1) * every * cpu_per_step} for i, v in enumerate(values)]
+
+
+BASE = [100, 60, 40, 30, 25, 22, 21, 20]  # budget 800 steps
+
+
+def test_points_carry_steps_flops_and_cpu():
+    points = evaluation_points(history([5, 4], flops=3.0, batch=2), "fid")
+    assert points[1] == {"step": 200, "value": 4.0, "steps": 200.0, "flops": 200 * 2 * 3.0, "cpu_s": 100.0}
+    assert baseline_targets(evaluation_points(history(BASE), "fid"), 800) == {"25": 60, "50": 30, "100": 20}
+
+
+def test_a_cell_twice_as_fast_in_steps_and_cheaper_per_step():
+    base = {0: history(BASE), 1: history(BASE)}
+    # Reaches each value in half the steps, at half the FLOPs per image and the same CPU per step.
+    fast = BASE[1::2] + [19, 19, 19, 19]  # the baseline's values at half its steps
+    cell = {0: history(fast, flops=5.0), 1: history(fast, flops=5.0)}
+    out = cell_speedup(cell, base, "fid", "min", budget=800)
+    assert out["steps"]["100"]["mean"] == pytest.approx(2.0)
+    assert out["flops"]["100"]["mean"] == pytest.approx(4.0)
+    assert out["cpu_s"]["50"]["min"] == pytest.approx(2.0)
+    assert out["steps"]["25"]["seeds_reached"] == 2
+
+
+def test_targets_never_reached_are_null_and_partial_seeds_leave_mean_unknown():
+    base = {0: history(BASE), 1: history(BASE)}
+    cell = {0: history([100, 90, 80, 70, 65, 64, 63, 62]), 1: history(BASE)}
+    out = cell_speedup(cell, base, "fid", "min", budget=800)
+    assert out["steps"]["100"]["mean"] is None and out["steps"]["100"]["max"] == pytest.approx(1.0)
+    slow = cell_speedup({0: history([100] * 8)}, {0: history(BASE)}, "fid", "min", budget=800)
+    assert slow["steps"]["50"] is None
+    with pytest.raises(ValueError, match="seed"):
+        cell_speedup({3: history(BASE)}, base, "fid", "min", budget=800)
+
+
+def test_baseline_convergence_flags_flat_or_still_falling_curves():
+    assert baseline_convergence(evaluation_points(history(BASE), "fid"), 800)["converged"]
+    flat = baseline_convergence(evaluation_points(history([50] * 8), "fid"), 800)
+    assert not flat["converged"] and not flat["fell"]
+    falling = baseline_convergence(evaluation_points(history([100, 90, 80, 70, 60, 50, 40, 30]), "fid"), 800)
+    assert falling["fell"] and not falling["flattened"]
