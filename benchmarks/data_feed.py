@@ -1,17 +1,30 @@
-"""How many training images per second the Ray Data pipeline delivers, per CPU, from S3.
+"""Does the data keep up? Images per CPU per format, time to the first batch, and the CPUs per GPU.
 
-    python benchmarks/data_feed.py [--images 512] [--resolution 256] [--cpus 2] [--read-cpus 1]
+    python -m benchmarks.data_feed [--images 1000] [--classes 100] [--resolution 256] [--cpus 2]
+        [--gpu-rate 557] [--catalog-objects 10000,100000] [--out benchmarks/results/data_feed]
 
-Starts moto's S3 server on 127.0.0.1 (unless AWS_ENDPOINT_URL is set and --use-env is given),
-writes ImageNet-like JPEGs (random 500x375 crops of scikit-learn's sample photos, quality 90,
-~100 KB each) as an imagefolder dataset and as Parquet shards, then streams each through
-``ray_jobs.data.build_train_dataset`` into ``iter_torch_batches`` the way a Train worker does.
-The first pass warms Ray's workers up; the second is measured, both in wall time (images/s, and
-per CPU given to Ray) and in CPU time actually consumed by the driver and all Ray processes
-(images per CPU second, counting this process and its descendants only: the figure that stays
-meaningful on a shared, busy machine). A decode-only
-baseline (PIL decode + ADM crop, one process) shows the ceiling. Prints one line per measurement on
-stderr and one JSON line on stdout.
+Starts moto's S3 server on 127.0.0.1 (unless ``--use-env``: the endpoint in the AWS_* variables),
+writes ImageNet-like JPEGs with ``benchmarks.imagenet_like`` (300-500 px on the long side for
+most, about 110 KB, quality near 90) as an imagefolder, as Hugging Face-layout Parquet and as
+WebDataset tar shards, then measures for each format:
+
+* **decode + crop per CPU**: images per CPU-second of the record-level work alone (reading the
+  container, decoding, ADM's centre crop to ``--resolution``, scaling to [-1, 1]), in this process,
+  with ``data.decode`` fast and exact; latents: choosing the orientation of stored posteriors;
+* **through Ray Data**: ``ray_jobs.data.build_train_dataset`` -> ``iter_torch_batches`` the way a
+  Train worker reads it: the time to the first batch (catalog, Ray Data start-up and first
+  reads) and the steady feed rate of a second epoch, in wall time and in CPU-seconds consumed by
+  this driver and its Ray processes (not the S3 server): images per CPU-second, the figure that
+  stays meaningful on a small or busy machine;
+* **catalog**: the time to the first batch of an imagefolder of ``--catalog-objects`` tiny JPEGs,
+  with the catalog built (a listing of every object) and then reused (one listing of the class
+  folders). moto is slow at listing and writing many objects; real S3 lists ~1,000 objects per
+  request.
+
+Then prints the sizing rule, CPUs per GPU = ceil(1.2 x trainer rate / images per CPU-second
+through Ray Data) per format (20% headroom keeps the data wait under 5%), for ``--gpu-rate``
+(default 557 img/s: DiT-XL/2 on one H200 in benchmarks/results/gpu_check.json), and writes
+``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
@@ -19,76 +32,35 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
-import subprocess
+import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any, Dict, List
 
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from speed.testing import start_moto_server  # noqa: E402
+from speed.testing import start_moto_server, stop_server  # noqa: E402
+
+GPU_CHECK_RATE = 557.0  # img/s, DiT-XL/2 256px bf16 on one H200 (benchmarks/results/gpu_check.json)
+HEADROOM = 1.2
+FORMATS = ("imagefolder", "parquet", "webdataset")
 
 
-def _start_moto() -> subprocess.Popen:
-    """moto's S3 server (speed.testing), with the AWS_* variables pointed at it."""
+def _start_moto():
     proc, endpoint = start_moto_server()
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="benchmark", AWS_SECRET_ACCESS_KEY="benchmark-secret",
                       AWS_DEFAULT_REGION="us-east-1")
     return proc
 
 
-def _photos(count: int, seed: int = 0):
-    """ImageNet-like JPEG bytes: random 500x375 crops (some mirrored) of the sklearn sample photos."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    rng = np.random.default_rng(seed)
-    sources = load_sample_images().images  # two 427x640 photos
-    for i in range(count):
-        photo = sources[i % len(sources)]
-        top, left = rng.integers(0, photo.shape[0] - 375), rng.integers(0, photo.shape[1] - 500)
-        crop = photo[top : top + 375, left : left + 500]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(crop)).save(buffer, format="JPEG", quality=90)
-        yield i % 10, buffer.getvalue()
-
-
-def _write_datasets(bucket_uri: str, count: int, shards: int):
-    from concurrent.futures import ThreadPoolExecutor
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from speed import storage
-
-    photos = list(_photos(count))
-    _write_datasets.jpegs = [data for _, data in photos]
-    folder = f"{bucket_uri}/imagefolder"
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda item: storage.write_bytes(f"{folder}/n{item[1][0]:08d}/img_{item[0]:06d}.JPEG", item[1][1]),
-                      enumerate(photos)))
-    table_uri = f"{bucket_uri}/parquet"
-    for shard, rows in enumerate(np.array_split(np.arange(count), shards)):
-        image = pa.StructArray.from_arrays(
-            [pa.array([photos[i][1] for i in rows], pa.binary()), pa.array([f"img_{i:06d}.JPEG" for i in rows])],
-            names=["bytes", "path"])
-        buffer = io.BytesIO()
-        pq.write_table(pa.table({"image": image, "label": pa.array([photos[i][0] for i in rows], pa.int64())}), buffer)
-        storage.write_bytes(f"{table_uri}/part-{shard:05d}.parquet", buffer.getvalue())
-    mean_kb = sum(len(p[1]) for p in photos) / count / 1024
-    return folder, table_uri, mean_kb
-
-
-def _ray_cpu_seconds() -> dict:
-    """{pid: CPU seconds used so far} for this driver and its descendants (its local Ray: GCS,
-    raylet, workers), read from /proc (Linux). Unlike wall time, CPU time does not depend on what
-    else runs on the machine, and other people's Ray processes are not counted."""
+def _ray_cpu_seconds() -> Dict[int, float]:
+    """{pid: CPU seconds so far} of this process and its descendants (its local Ray), from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
     parents, used = {}, {}
     for entry in Path("/proc").iterdir():
@@ -97,9 +69,9 @@ def _ray_cpu_seconds() -> dict:
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
-            continue  # the process ended while we looked
+            continue
         parents[int(entry.name)] = int(fields[1])
-        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
 
     def ours(pid: int) -> bool:
         while pid > 1:
@@ -111,87 +83,275 @@ def _ray_cpu_seconds() -> dict:
     return {pid: seconds for pid, seconds in used.items() if ours(pid)}
 
 
-_EXCLUDED_PIDS = set()  # the S3 test server: the object store's cost, not the pipeline's
+_EXCLUDED = set()
 
 
-def _cpu_spent(before: dict, after: dict) -> float:
-    # Processes started in between count in full; ones that ended are missed (workers persist).
-    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items() if pid not in _EXCLUDED_PIDS)
+def _cpu_spent(before, after) -> float:
+    return sum(s - before.get(pid, 0.0) for pid, s in after.items() if pid not in _EXCLUDED)
 
 
-def _feed_rate(cfg, batch_size: int):
-    """(images per wall second, images per CPU second) of the second epoch."""
-    from ray_jobs.data import build_train_dataset
+def _cfg(fmt: str, uri: str, args, *extra):
+    from speed.config import load_config
 
-    for epoch in range(2):  # epoch 0 warms up Ray's workers; epoch 1 is measured
+    return load_config("configs/digits/speed.yaml", [
+        f"data.format={fmt}", f"data.uri={uri}", f"data.resolution={args.resolution}", "data.channels=3",
+        f"data.read_cpus={args.read_cpus}", "data.shuffle_buffer=256", f"model.num_classes={args.classes}",
+        "sample.classes=[0,1]", *extra])
+
+
+# --- record-level work, one process --------------------------------------------------------------
+
+
+def decode_rates(root: str, args) -> Dict[str, Dict[str, float]]:
+    """Images per CPU-second of each format's record-level work, fast and exact decode."""
+    import pyarrow.parquet as pq
+
+    from speed import storage
+    from speed.data import records
+    from speed.data.catalog import scan_dataset
+    from speed.data.webdataset import iter_samples
+
+    out: Dict[str, Dict[str, float]] = {}
+    for fmt in FORMATS:
+        cfg = _cfg(fmt, storage.join(root, fmt), args)
+        catalog = scan_dataset(cfg.data, cfg.storage)
+        fs, _ = storage.filesystem(catalog.uri, cfg.storage)
+        # The container's bytes are fetched first: the object store's time is not the CPU's.
+        raw = [storage.read_bytes(catalog.file_uri(f), cfg.storage) for f in catalog.files]
+        out[fmt] = {}
+        for decode in ("exact", "fast", "exact", "fast"):  # the first pass warms up; the last of each counts
+            spec = records.decode_spec(cfg.data.__class__(**{**cfg.data.__dict__, "decode": decode}), catalog,
+                                       num_classes=args.classes, seed=0, epoch=0)
+            started, count = time.process_time(), 0
+            if fmt == "imagefolder":
+                for i in range(0, len(raw), 32):
+                    rows, _ = records.imagefolder_records(catalog.files[i : i + 32], raw[i : i + 32], spec)
+                    count += len(rows["label"])
+            elif fmt == "parquet":
+                import pyarrow as pa
+
+                for relative, blob in zip(catalog.files, raw):
+                    table = pq.read_table(io.BytesIO(blob))
+                    table = table.append_column("path", pa.array([catalog.file_path(relative)] * len(table)))
+                    for start in range(0, len(table), 32):
+                        rows, _ = records.parquet_records(table.slice(start, 32), spec)
+                        count += len(rows["label"])
+            else:
+                for relative, blob in zip(catalog.files, raw):
+                    samples = list(iter_samples(io.BytesIO(blob)))
+                    for start in range(0, len(samples), 32):
+                        chunk = samples[start : start + 32]
+                        batch = {name: [s.get(name) for s in chunk] for name in ("jpg", "cls", "json")}
+                        batch.update(__key__=[s["__key__"] for s in chunk], __url__=[catalog.file_path(relative)] * len(chunk))
+                        rows, _ = records.webdataset_records(batch, spec)
+                        count += len(rows["label"])
+            out[fmt][decode] = round(count / (time.process_time() - started), 1)
+        print(f"decode + crop, {fmt}: {out[fmt]['fast']:.1f} img/CPU-s fast, {out[fmt]['exact']:.1f} exact",
+              file=sys.stderr, flush=True)
+    out["latents"] = {"fast": _latent_rate(), "exact": None}
+    print(f"latents (orientation of stored posteriors): {out['latents']['fast']:.0f} rows/CPU-s", file=sys.stderr)
+    return out
+
+
+def _latent_rate(rows: int = 4096) -> float:
+    from speed.data.batches import decode_latent_batch
+
+    rng = np.random.default_rng(0)
+    blob = rng.standard_normal((2, 4, 32, 32)).astype(np.float16).tobytes()
+    keys = [f"n{i % 1000:08d}/{i}.JPEG" for i in range(rows)]
+    started = time.process_time()
+    for start in range(0, rows, 256):
+        decode_latent_batch(keys[start : start + 256], np.zeros(256, np.int64), [blob] * 256, [blob] * 256,
+                            latent_shape=[4, 32, 32], random_flip=True, seed=0, epoch=0)
+    return round(rows / (time.process_time() - started), 1)
+
+
+# --- through Ray Data ----------------------------------------------------------------------------
+
+
+def feed(cfg, batch_size: int) -> Dict[str, float]:
+    """Time to the first batch (catalog + start-up) and the steady rate of the next epoch."""
+    from ray_jobs.data import build_train_dataset, preflight_data
+
+    started = time.perf_counter()
+    preflight_data(cfg)
+    result: Dict[str, float] = {}
+    for epoch in range(2):
+        began, cpu_began, seen, first = time.perf_counter(), _ray_cpu_seconds(), 0, None
         dataset = build_train_dataset(cfg, seed=0, epoch=epoch)
-        started, cpu_started, seen = time.perf_counter(), _ray_cpu_seconds(), 0
         for batch in dataset.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=cfg.data.shuffle_buffer,
                                                 prefetch_batches=cfg.data.prefetch_batches):
+            if first is None:
+                first = time.perf_counter()
+                if epoch == 0:
+                    result["first_batch_s"] = round(first - started, 2)
             seen += len(batch["label"])
-        wall, cpu = time.perf_counter() - started, _cpu_spent(cpu_started, _ray_cpu_seconds())
-    return seen / wall, seen / cpu
+        wall, cpu = time.perf_counter() - began, _cpu_spent(cpu_began, _ray_cpu_seconds())
+    result.update(images=seen, images_per_s=round(seen / wall, 1), images_per_cpu_s=round(seen / cpu, 1))
+    return result
 
 
-def _decode_rate(jpegs, resolution: int) -> float:
-    """Images per CPU second of decode + ADM crop + scaling alone, in this process."""
-    from speed.data.transforms import load_and_crop, to_model_array
+def catalog_first_batch(counts: List[int], args) -> List[Dict[str, Any]]:
+    """Time to the first batch of an imagefolder of ``count`` tiny JPEGs: catalog built, then reused.
 
-    started = time.process_time()
-    for data in jpegs:
-        to_model_array(load_and_crop(data, resolution, 3)[None])
-    return len(jpegs) / (time.process_time() - started)
+    moto's server takes ~70 PUTs/s, so the objects are put straight into the backend of an
+    in-process moto server (``ThreadedMotoServer``); the listing, the catalog and the reads still
+    go through HTTP, as from S3."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import ThreadedMotoServer
+    from PIL import Image
+
+    from ray_jobs.data import _catalogs, build_train_dataset, preflight_data
+    from speed.testing import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(buffer, format="JPEG", quality=90)
+    blob = buffer.getvalue()
+    out = []
+    try:
+        backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+        backend.create_bucket("catalog-bench", "us-east-1")
+        for count in counts:
+            classes = min(1000, max(1, count // 100))
+            for i in range(count):
+                backend.put_object("catalog-bench", f"listing-{count}/n{i % classes:08d}/n{i % classes:08d}_{i:08d}.JPEG",
+                                   blob)
+            row: Dict[str, Any] = {"objects": count, "classes": classes}
+            for label in ("built", "reused"):
+                _catalogs.clear()  # a fresh driver: nothing cached in memory
+                cfg = _cfg("imagefolder", f"s3://catalog-bench/listing-{count}", args, "data.resolution=8",
+                           "model.num_classes=1000", f"storage.endpoint_url={endpoint}")
+                started = time.perf_counter()
+                summary = preflight_data(cfg)
+                catalog_s = time.perf_counter() - started
+                batch = next(iter(build_train_dataset(cfg, seed=0).iter_torch_batches(batch_size=64)))
+                assert len(batch["label"]) == 64
+                row[f"{label}_catalog"] = summary["catalog"]
+                row[f"{label}_catalog_s"] = round(catalog_s, 2)
+                row[f"{label}_first_batch_s"] = round(time.perf_counter() - started, 2)
+            print(f"catalog, {count} objects: first batch {row['built_first_batch_s']} s with the catalog built "
+                  f"({row['built_catalog_s']} s to list and write it), {row['reused_first_batch_s']} s reused "
+                  f"({row['reused_catalog_s']} s)", file=sys.stderr, flush=True)
+            out.append(row)
+    finally:
+        server.stop()
+    return out
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def sizing(per_cpu: Dict[str, float], rate: float) -> Dict[str, Dict[str, float]]:
+    return {fmt: {"images_per_cpu_s": value, "cpus_per_gpu": math.ceil(HEADROOM * rate / value),
+                  "cpus_per_8_gpu_node": math.ceil(8 * HEADROOM * rate / value)}
+            for fmt, value in per_cpu.items() if value}
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    a = result["settings"]
+    lines = [
+        "# Data feed: images per CPU, time to the first batch, CPUs per GPU",
+        "",
+        f"Measured on {result['machine']} from the moto S3 test server on the same machine "
+        f"({a['images']} ImageNet-like JPEGs, mean {result['data']['mean_kb']} KB, {a['classes']} classes, "
+        f"{a['resolution']} px ADM crops, `--cpus {a['cpus']}` for the local Ray, data.read_cpus={a['read_cpus']}). "
+        "A 2-core machine shared with other jobs: the per-CPU-second figures are the ones to carry to a cluster.",
+        "",
+        "| format | decode+crop, fast (img/CPU-s) | exact (img/CPU-s) | through Ray Data (img/CPU-s) | "
+        "steady feed (img/s) | first batch (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fmt in FORMATS:
+        d, f = result["decode"][fmt], result["feed"].get(fmt, {})
+        lines.append(f"| {fmt} | {d['fast']} | {d['exact']} | {f.get('images_per_cpu_s', '-')} | "
+                     f"{f.get('images_per_s', '-')} | {f.get('first_batch_s', '-')} |")
+    lines.append(f"| latents | {result['decode']['latents']['fast']} (rows) | - | - | - | - |")
+    lines += ["", "Fast decode (JPEG draft mode) over exact: "
+              + ", ".join(f"{fmt} x{result['decode'][fmt]['fast'] / result['decode'][fmt]['exact']:.2f}" for fmt in FORMATS),
+              "", f"## Sizing: CPUs per GPU at {result['gpu_rate']} img/s per GPU (x{HEADROOM} headroom)", "",
+              "| format | img/CPU-s through Ray Data | CPUs per GPU | CPUs per 8-GPU node |", "|---|---|---|---|"]
+    for fmt, row in result["sizing"].items():
+        lines.append(f"| {fmt} | {row['images_per_cpu_s']} | {row['cpus_per_gpu']} | {row['cpus_per_8_gpu_node']} |")
+    if result.get("catalog"):
+        lines += ["", "## Time to the first batch against the number of objects (imagefolder, tiny JPEGs, moto)", "",
+                  "| objects | catalog built: listing (s) | first batch (s) | catalog reused: (s) | first batch (s) |",
+                  "|---|---|---|---|---|"]
+        for row in result["catalog"]:
+            lines.append(f"| {row['objects']} | {row['built_catalog_s']} | {row['built_first_batch_s']} | "
+                         f"{row['reused_catalog_s']} | {row['reused_first_batch_s']} |")
+        lines += ["", "moto lists and serves objects far slower than S3 (one Python process); the reused catalog "
+                  "needs one listing of the class folders instead of every object."]
+    lines += ["", f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs given to the local Ray")
-    parser.add_argument("--read-cpus", type=float, default=1.0, help="data.read_cpus: CPUs per decode task")
-    parser.add_argument("--shards", type=int, default=8, help="Parquet shards")
+    parser.add_argument("--read-cpus", type=float, default=1.0, help="data.read_cpus")
+    parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--gpu-rate", type=float, default=GPU_CHECK_RATE, help="trainer img/s per GPU")
+    parser.add_argument("--catalog-objects", default="", help="comma-separated object counts, e.g. 10000,100000")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="formats to stream through Ray Data")
+    parser.add_argument("--out", default="benchmarks/results/data_feed")
     parser.add_argument("--use-env", action="store_true", help="use the S3 endpoint in the AWS_* variables")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     moto = None if args.use_env else _start_moto()
     if moto is not None:
-        _EXCLUDED_PIDS.add(moto.pid)
+        _EXCLUDED.add(moto.pid)
     try:
         import boto3
         import ray
 
-        from speed.config import load_config
+        from benchmarks.imagenet_like import generate
 
         bucket = f"data-feed-{int(time.time())}"
         boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL")).create_bucket(Bucket=bucket)
-        folder, table_uri, mean_kb = _write_datasets(f"s3://{bucket}", args.images, args.shards)
+        root = f"s3://{bucket}/imagenet-like"
+        data = generate(root, images=args.images, classes=args.classes, formats=list(FORMATS), shards=args.shards)
+        print(f"wrote {json.dumps(data)}", file=sys.stderr, flush=True)
+        decode = decode_rates(root, args)
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}})
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
-        decode = _decode_rate(_write_datasets.jpegs, args.resolution)
-        print(f"decode + crop alone: {decode:.1f} images per CPU second", file=sys.stderr, flush=True)
-        results = {"images": args.images, "resolution": args.resolution, "cpus": args.cpus, "read_cpus": args.read_cpus,
-                   "jpeg_kb": round(mean_kb, 1), "decode_only_images_per_cpu_s": round(decode, 1)}
-        for fmt, uri in (("imagefolder", folder), ("parquet", table_uri)):
-            cfg = load_config("configs/digits/speed.yaml", [
-                f"data.format={fmt}", f"data.uri={uri}", f"data.resolution={args.resolution}", "data.channels=3",
-                f"data.read_cpus={args.read_cpus}", "data.shuffle_buffer=256"])
-            rate, per_cpu_second = _feed_rate(cfg, args.batch_size)
-            results[f"{fmt}_images_per_s"] = round(rate, 1)
-            results[f"{fmt}_images_per_s_per_cpu"] = round(rate / args.cpus, 1)
-            results[f"{fmt}_images_per_cpu_s"] = round(per_cpu_second, 1)
-            print(f"{fmt}: {rate:.1f} images/s with {args.cpus} CPUs = {rate / args.cpus:.1f} images/s per CPU; "
-                  f"{per_cpu_second:.1f} images per CPU second consumed ({args.resolution}px crops of ~{mean_kb:.0f} KB "
-                  "JPEGs)", file=sys.stderr, flush=True)
-        print(json.dumps({"event": "data_feed", **results}), flush=True)
+        fed = {}
+        for fmt in [f for f in args.formats.split(",") if f]:
+            fed[fmt] = feed(_cfg(fmt, f"{root}/{fmt}", args), args.batch_size)
+            print(f"Ray Data, {fmt}: first batch {fed[fmt]['first_batch_s']} s; {fed[fmt]['images_per_s']} img/s, "
+                  f"{fed[fmt]['images_per_cpu_s']} img/CPU-s", file=sys.stderr, flush=True)
+        catalog = catalog_first_batch([int(c) for c in args.catalog_objects.split(",") if c], args)
         ray.shutdown()
     finally:
         if moto is not None:
-            moto.terminate()
+            stop_server(moto)
+    per_cpu = {fmt: row["images_per_cpu_s"] for fmt, row in fed.items()}
+    result = {
+        "event": "data_feed", "machine": f"{os.cpu_count()}-core {platform.machine()} ({platform.system()})",
+        "settings": vars(args), "data": data, "decode": decode, "feed": fed, "catalog": catalog,
+        "gpu_rate": args.gpu_rate, "sizing": sizing(per_cpu, args.gpu_rate),
+        "command": "python -m benchmarks.data_feed " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(f"sizing at {args.gpu_rate:g} img/s per GPU:", file=sys.stderr)
+    for fmt, row in result["sizing"].items():
+        print(f"  {fmt}: {row['cpus_per_gpu']} CPUs per GPU ({row['cpus_per_8_gpu_node']} per 8-GPU node)", file=sys.stderr)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(json.dumps({k: result[k] for k in ("event", "decode", "feed", "sizing", "catalog")}), flush=True)
     return 0
 
 

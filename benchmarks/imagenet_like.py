@@ -17,7 +17,7 @@ file is about 110 KB, as in ImageNet. Layouts (each under ``<out>/<format>``):
 * webdataset: ``train-000000.tar`` ... with ``<key>.jpg``, ``<key>.cls`` and ``<key>.json``
   ({"label": int, "wnid": str}) per sample.
 
-``--tiny`` writes 64-byte placeholder objects as an imagefolder (for listing and catalog timing:
+``--tiny`` writes tiny 8x8 JPEGs (about 300 bytes) as an imagefolder (for listing and catalog timing:
 the number of objects matters there, not their size). Prints one JSON line with what was written.
 """
 
@@ -144,7 +144,13 @@ def write_webdataset(out: str, data: List[Tuple[int, int, bytes]], shards: int) 
 
 
 def write_tiny(out: str, count: int, classes: int) -> None:
-    blob = b"\xff\xd8" + b"\0" * 62  # the listing and the catalog never open the files
+    """``count`` copies of one 8x8 JPEG (about 300 bytes): listing and catalog cost depend on the
+    number of objects, and the pipeline can still decode them for a time to the first batch."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(buffer, format="JPEG", quality=90)
+    blob = buffer.getvalue()
     _parallel_write((storage.join(out, wnid(i % classes), f"{wnid(i % classes)}_{i:08d}.JPEG"), blob)
                     for i in range(count))
 
@@ -178,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--formats", default="imagefolder,parquet,webdataset")
     parser.add_argument("--shards", type=int, default=8, help="Parquet / tar shards")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="64-byte placeholder files (listing benchmarks)")
+    parser.add_argument("--tiny", action="store_true", help="tiny 8x8 JPEGs (listing and catalog benchmarks)")
     args = parser.parse_args(argv)
     if not 1 <= args.classes <= 1000:
         parser.error("--classes must be between 1 and 1000")

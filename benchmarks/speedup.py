@@ -73,18 +73,20 @@ from speed.config.load import apply_overrides  # noqa: E402
 from speed.experiments import (  # noqa: E402
     TrialRecord,
     build_rows,
-    check_search_space,
-    grid_points,
     metric_curve,
-    parse_search_space,
     rows_to_markdown,
     speedup_summary,
-    trial_run_name,
+)
+from speed.experiments.cells import ACCELERATORS, BASELINE_CELL, Cell, grid  # noqa: E402
+from speed.experiments.compute import DEFINITIONS as COMPUTE_DEFINITIONS  # noqa: E402
+from speed.experiments.compute import (  # noqa: E402
+    baseline_convergence,
+    cells_markdown,
+    cells_report,
+    evaluation_points,
 )
 from speed.experiments.fingerprint import check_run_fingerprint  # noqa: E402
-from speed.experiments.outputs import grouped_curves, timestep_variants  # noqa: E402
-from speed.experiments.plots import plot_curves, plot_timesteps  # noqa: E402
-from speed.experiments.space import SEED_KEY, STRATEGY_KEY  # noqa: E402
+from speed.experiments.plots import plot_curves, plot_timesteps, strategy_arrays  # noqa: E402
 
 BASE_CONFIG = "configs/digits/speed.yaml"
 RUN_FILE = "speedup_run.json"  # a run's accumulated wall time (training + evaluation), over resumes
@@ -92,13 +94,17 @@ BASELINE = "uniform"
 PRIMARY_MODE = "min"  # the primary metric is the dataset's FID, fid_<dataset> (primary_metric)
 SECONDARY = ("class_accuracy", "max")
 FRESH_FOLDER = "point run.output_uri at a fresh folder (the runs live under <run.output_uri>/speedup[-quick])"
+# The full grid: objective x strategy x accelerator, 3 seeds (48 cells x 3 seeds; hours on 2 cores).
 FULL = {
-    "strategies": None,  # every registry strategy
+    "objectives": ["ddpm", "flow"],
+    "strategies": ["uniform", "speed", "laplace", "logit_normal", "progress", "speed+learned"],
+    "accelerators": ["none", "routing", "modern", "routing+modern"],
     "seeds": [0, 1, 2],
     "overrides": ["train.eval_every=100", "train.log_every=50", "train.checkpoint_every=200"],
 }
+# The quick check: the plain baseline, SpeeD, a flow cell and the best combination the grid found.
 QUICK = {
-    "strategies": ["uniform", "speed", "speed_v1"],
+    "cells": ["ddpm-uniform-none", "ddpm-speed-none", "flow-uniform-none", "flow-speed-routing"],
     "seeds": [0, 1],
     "overrides": [
         "train.steps=500",
@@ -220,37 +226,58 @@ def run_trial(cfg: Config, data: Tuple[torch.Tensor, torch.Tensor], progress: bo
 # --- the benchmark -------------------------------------------------------------------------------
 
 
-def build(args) -> Tuple[Config, List[Dict[str, Any]], List[str], List[int], str]:
-    from speed.diffusion import TIMESTEP_STRATEGIES
-
+def build(args) -> Tuple[Config, List[Tuple[Cell, int, Config]], List[Cell], List[int], str]:
+    """The base config and every (cell, seed, trial config) of the benchmark, all validated first."""
     preset = QUICK if args.quick else FULL
-    strategies = args.strategies.split(",") if args.strategies else (preset["strategies"] or list(TIMESTEP_STRATEGIES))
-    if BASELINE not in strategies:
-        strategies = [BASELINE, *strategies]
+    if args.cells:
+        cells = [Cell.parse(name) for name in args.cells.split(",")]
+    elif args.quick and not (args.strategies or args.objectives or args.accelerators):
+        cells = [Cell.parse(name) for name in preset["cells"]]
+    else:
+        objectives = args.objectives.split(",") if args.objectives else preset.get("objectives", ["ddpm"])
+        strategies = args.strategies.split(",") if args.strategies else preset.get("strategies", [BASELINE])
+        accelerators = args.accelerators.split(",") if args.accelerators else preset.get("accelerators", ["none"])
+        cells = grid(objectives, strategies, accelerators)
+    baseline = Cell.parse(BASELINE_CELL)
+    cells = [baseline] + [c for c in dict.fromkeys(cells) if c != baseline]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset["seeds"])
     name = "speedup-quick" if args.quick else "speedup"
     overrides = [*preset["overrides"], "parallel.strategy=none", *args.overrides]
     # Local paths absolute: the training loop expects them so (speed.storage.absolute_paths).
     cfg = storage.absolute_paths(load_config(args.config, overrides))
-    dims = parse_search_space({STRATEGY_KEY: strategies, SEED_KEY: seeds})
-    check_search_space(cfg, dims)  # every strategy x seed is a valid config, before any training
-    trials = grid_points(dims)
-    return cfg, trials, strategies, seeds, name
+    runs_root = storage.join(cfg.run.output_uri, name)
+    trials = []
+    for cell in cells:
+        cell_overrides = cell.overrides(cfg.sampling.steps)
+        try:
+            cell_cfg = storage.absolute_paths(load_config(args.config, [*overrides, *cell_overrides]))
+        except ConfigError as exc:
+            raise ConfigError(f"cell {cell.name} ({' '.join(cell_overrides)}): {exc}") from None
+        for seed in seeds:
+            trials.append((cell, seed, apply_overrides(cell_cfg, {
+                "run.seed": seed, "run.name": f"{cell.run_name}-seed{seed}", "run.output_uri": runs_root})))
+    return cfg, trials, cells, seeds, name
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speedup", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="uniform, speed, speed_v1; 2 seeds; ~15 min on 2 cores")
+    parser.add_argument("--quick", action="store_true", help=f"cells {', '.join(QUICK['cells'])}; 2 seeds; ~30 min on 2 cores")
     parser.add_argument("--out", default="benchmarks/results", help="folder for speedup.json/.md/.png")
     parser.add_argument("--config", default=BASE_CONFIG, help=f"training config (default {BASE_CONFIG})")
-    parser.add_argument("--strategies", default=None, help="comma-separated strategies (uniform is always added)")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds, the same for every strategy")
+    parser.add_argument("--cells", default=None, help="comma-separated cells <objective>-<strategy>-<accelerator>, "
+                        "e.g. flow-speed-routing (the baseline ddpm-uniform-none is always added)")
+    parser.add_argument("--objectives", default=None, help="comma-separated objectives of the grid (ddpm, flow)")
+    parser.add_argument("--strategies", default=None, help="comma-separated strategies of the grid (a+b: sampling a, "
+                        "weighting b)")
+    parser.add_argument("--accelerators", default=None,
+                        help=f"comma-separated accelerators of the grid ({', '.join(ACCELERATORS)})")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, the same for every cell")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar per run")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.format=imagefolder data.uri=...")
     args = parser.parse_args(argv)
     try:
-        cfg, trials, strategies, seeds, name = build(args)
+        cfg, trials, cells, seeds, name = build(args)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -259,19 +286,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     digest = data_digest(data)
     metric = primary_metric(cfg)
     runs_root = storage.join(cfg.run.output_uri, name)
-    log(f"{len(trials)} runs ({', '.join(strategies)} x seeds {seeds}), {cfg.train.steps} steps each, "
+    log(f"{len(trials)} runs ({len(cells)} cells x seeds {seeds}), {cfg.train.steps} steps each, "
         f"model {cfg.model.name}, {len(data[1])} images ({cfg.data.format}), metric {metric}; runs under {runs_root}")
-    trial_cfgs = [apply_overrides(cfg, {**values, "run.name": trial_run_name(index, values), "run.output_uri": runs_root})
-                  for index, values in enumerate(trials)]
     try:  # every earlier run must belong to this config before anything trains
-        for trial_cfg in trial_cfgs:
+        for _, _, trial_cfg in trials:
             check_trial(trial_cfg, digest, write=False)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.time()
     records: List[TrialRecord] = []
-    for index, (values, trial_cfg) in enumerate(zip(trials, trial_cfgs)):
+    for index, (cell, seed, trial_cfg) in enumerate(trials):
         run_name = trial_cfg.run.name
         log(f"run {index + 1}/{len(trials)}: {run_name}")
         out = run_trial(trial_cfg, data, progress=args.progress, digest=digest)
@@ -279,26 +304,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log(f"  done ({out['wall_s']:.0f}s of training and evaluation); "
             f"{metric} {' '.join(f'{s}:{v:.2f}' for s, v in fid)}")
         records.append(TrialRecord(
-            name=run_name, overrides=values, strategy=values[STRATEGY_KEY], seed=values[SEED_KEY],
+            name=run_name, overrides={"cell": cell.name}, strategy=cell.name, seed=seed,
             history=out["history"], status="done", wall_s=out["wall_s"],
             run_uri=storage.join(runs_root, run_name),
         ))
     log(f"all runs done in {time.time() - started:.0f}s")
-    report = summarize(records, cfg, strategies, seeds, args, sum(r.wall_s or 0.0 for r in records))
-    write_outputs(report, records, cfg, Path(args.out))
+    report = summarize(records, cfg, cells, seeds, args, sum(r.wall_s or 0.0 for r in records))
+    write_outputs(report, records, cfg, Path(args.out), strategy_variants(trials))
     print(json.dumps({"event": "speedup_done", "out": str(Path(args.out) / "speedup.json"),
-                      "speedup": {k: v["speedup"] for k, v in report["strategies"].items()}}), flush=True)
+                      "speedup_flops_100": {k: (v["speedup"]["flops"]["100"] or {}).get("mean")
+                                            for k, v in report["cells"].items()}}), flush=True)
     return 0
 
 
-def summarize(records: Sequence[TrialRecord], cfg: Config, strategies: Sequence[str], seeds: Sequence[int],
+def _cell_histories(records: Sequence[TrialRecord], cell: str) -> Dict[int, list]:
+    return {r.seed: r.history for r in records if r.strategy == cell}
+
+
+def summarize(records: Sequence[TrialRecord], cfg: Config, cells: Sequence[Cell], seeds: Sequence[int],
               args, wall_s: float) -> Dict[str, Any]:
     primary_name = primary_metric(cfg)
+    budget = cfg.train.steps
+    baseline_runs = _cell_histories(records, BASELINE_CELL)
+    cell_entries = cells_report({c.name: _cell_histories(records, c.name) for c in cells}, primary_name,
+                                PRIMARY_MODE, budget, BASELINE_CELL)
+    convergence = {seed: baseline_convergence(evaluation_points(h, primary_name), budget, PRIMARY_MODE)
+                   for seed, h in sorted(baseline_runs.items())}
+    # Today's per-strategy table: the DDPM cells without accelerators, against uniform.
+    strategies = [c.strategy for c in cells if c.objective == "ddpm" and c.accelerator == "none"]
     by_strategy: Dict[str, Dict[str, Dict[int, list]]] = {}
     for metric, _ in ((primary_name, PRIMARY_MODE), SECONDARY):
         curves: Dict[str, Dict[int, list]] = {s: {} for s in strategies}
         for r in records:
-            curves[r.strategy][r.seed] = metric_curve(r.history, metric)
+            cell = Cell.parse(r.strategy)
+            if cell.objective == "ddpm" and cell.accelerator == "none":
+                curves[cell.strategy][r.seed] = metric_curve(r.history, metric)
         by_strategy[metric] = curves
     primary = speedup_summary(by_strategy[primary_name], baseline=BASELINE, mode=PRIMARY_MODE)
     secondary = speedup_summary(by_strategy[SECONDARY[0]], baseline=BASELINE, mode=SECONDARY[1])
@@ -315,6 +355,7 @@ def summarize(records: Sequence[TrialRecord], cfg: Config, strategies: Sequence[
         "metric": primary_name,
         "mode": PRIMARY_MODE,
         "baseline": BASELINE,
+        "baseline_cell": BASELINE_CELL,
         "seeds": list(seeds),
         "steps": cfg.train.steps,
         "eval_every": cfg.train.eval_every,
@@ -327,6 +368,9 @@ def summarize(records: Sequence[TrialRecord], cfg: Config, strategies: Sequence[
                      "guidance_scale": cfg.sampling.guidance_scale},
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "wall_s": wall_s,  # sum of the runs' training + evaluation time (over resumes)
+        "baseline_convergence": convergence,
+        "compute_definitions": COMPUTE_DEFINITIONS,
+        "cells": cell_entries,
         "definitions": (
             "target = the uniform baseline's final metric; steps = first evaluation step reaching it; "
             "speedup = baseline steps / strategy steps (seed-mean curves); speedup_min/max = range of the "
@@ -347,12 +391,37 @@ def _fmt(value: Any, none: str = "never") -> str:
     return str(value)
 
 
+def convergence_note(report: Dict[str, Any]) -> str:
+    flags = report["baseline_convergence"]
+    bad = [seed for seed, c in flags.items() if not c.get("converged")]
+    if not bad:
+        return ("The baseline's curve fell by at least 30% and flattened (the last quarter of the budget moved it by "
+                "at most 15%) for every seed.")
+    details = "; ".join(f"seed {seed}: fell {flags[seed].get('fell')}, flattened {flags[seed].get('flattened')}"
+                        for seed in bad)
+    return (f"**The baseline did not converge within the budget for seed(s) {', '.join(map(str, bad))}** ({details}): targets on "
+            "a curve that has not fallen and flattened partly measure noise.")
+
+
 def render_markdown(report: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> str:
     metric, second = report["metric"], SECONDARY[0]
     lines = [
-        f"# Convergence speed-up over uniform timesteps ({'quick' if report['quick'] else 'full'})",
+        f"# Compute to quality against the plain DiT recipe ({'quick' if report['quick'] else 'full'})",
         "",
         f"`{report['command']}`",
+        "",
+        f"{report['model']} on {report['data']['format']} ({report['data']['resolution']}px), global batch "
+        f"{report['global_batch_size']}, {report['steps']} steps, seeds {report['seeds']}. Speed-up of each cell over "
+        f"{report['baseline_cell']} of the same seed, mean [min, max] over seeds, at the baseline's {metric} after "
+        "25%, 50% and 100% of its budget; 'never': the target was not reached.",
+        "",
+        *cells_markdown(report["cells"], metric),
+        "",
+        convergence_note(report),
+        "",
+        f"Definitions: {report['compute_definitions']}.",
+        "",
+        "## Timestep strategies under DDPM without accelerators (steps to the uniform baseline's final metric)",
         "",
         f"{report['model']} on {report['data']['format']} ({report['data']['resolution']}px), global batch "
         f"{report['global_batch_size']}, {report['steps']} steps, EMA evaluated every {report['eval_every']} steps "
@@ -381,7 +450,24 @@ def render_markdown(report: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> s
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(report: Dict[str, Any], records: Sequence[TrialRecord], cfg: Config, out: Path) -> None:
+def cell_curves(records: Sequence[TrialRecord], metric: str) -> Dict[str, Dict[int, list]]:
+    """cell -> seed -> [(step, metric)]."""
+    out: Dict[str, Dict[int, list]] = {}
+    for r in records:
+        out.setdefault(r.strategy, {})[r.seed] = metric_curve(r.history, metric)
+    return out
+
+
+def strategy_variants(trials: Sequence[Tuple[Cell, int, Config]]) -> Dict[str, Dict[str, Any]]:
+    """<objective>-<strategy> -> its pmf and weights over DDPM steps (adaptive ones: initial state)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for cell, _, trial_cfg in trials:
+        out.setdefault(f"{cell.objective}-{cell.strategy}", strategy_arrays(trial_cfg.diffusion))
+    return out
+
+
+def write_outputs(report: Dict[str, Any], records: Sequence[TrialRecord], cfg: Config, out: Path,
+                  variants: Dict[str, Dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     metric = primary_metric(cfg)
     rows = build_rows(records, metric, PRIMARY_MODE, baseline=BASELINE)
@@ -389,13 +475,26 @@ def write_outputs(report: Dict[str, Any], records: Sequence[TrialRecord], cfg: C
     (out / "speedup.md").write_text(render_markdown(report, rows))
     targets = {metric: report["strategies"][BASELINE].get("target"),
                SECONDARY[0]: report["strategies"][BASELINE][SECONDARY[0]].get("target")}
-    title = f"{report['model']}, {report['steps']} steps, seeds {report['seeds']}"
+    title = f"{report['model']} on {report['data']['format']}, {report['steps']} steps, seeds {report['seeds']}"
     (out / "speedup.png").write_bytes(plot_curves(
-        [(metric, grouped_curves(records, metric)), (SECONDARY[0], grouped_curves(records, SECONDARY[0]))],
+        [(metric, cell_curves(records, metric)), (SECONDARY[0], cell_curves(records, SECONDARY[0]))],
         title=title, targets=targets,
     ))
-    (out / "speedup_timesteps.png").write_bytes(plot_timesteps(timestep_variants(records, cfg), title="timestep strategies"))
-    log(f"wrote {out / 'speedup.json'}, speedup.md, speedup.png, speedup_timesteps.png")
+    (out / "speedup_flops.png").write_bytes(plot_curves(
+        [(metric, flops_curves(records, metric, cfg.train.global_batch_size))], title=title, targets=targets,
+        xlabel="training FLOPs",
+    ))
+    (out / "speedup_timesteps.png").write_bytes(plot_timesteps(variants, title="timestep strategies (pmf over DDPM steps)"))
+    log(f"wrote {out / 'speedup.json'}, speedup.md, speedup.png, speedup_flops.png, speedup_timesteps.png")
+
+
+def flops_curves(records: Sequence[TrialRecord], metric: str, batch: int) -> Dict[str, Dict[int, list]]:
+    """cell -> seed -> [(training FLOPs, metric)]."""
+    out: Dict[str, Dict[int, list]] = {}
+    for r in records:
+        points = evaluation_points(r.history, metric)
+        out.setdefault(r.strategy, {})[r.seed] = [(p["flops"], p["value"]) for p in points]
+    return out
 
 
 if __name__ == "__main__":

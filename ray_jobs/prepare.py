@@ -65,7 +65,7 @@ from speed.data.latents import (
     shard_name,
     table_to_parquet_bytes,
 )
-from speed.data.transforms import encode_image, load_and_crop, to_model_tensor, to_uint8_images
+from speed.data.transforms import encode_image, load_and_crop, open_image, to_model_tensor, to_uint8_images
 
 log = logging.getLogger("speed.prepare")
 
@@ -540,10 +540,13 @@ def _image_extension(blob: bytes) -> str:
     return "jpg"
 
 
-def _output_name(item: Tuple[str, int, str, int], label: int, index: int, wnids: Dict[int, str]) -> str:
-    """A sample's name in the output: the source's own for imagefolder items, else wnid_index."""
+def _output_name(item: Tuple[str, int, str, int], label: int, index: int, wnids: Dict[int, str], source_format: str) -> str:
+    """A sample's name in the output: the source's own (an imagefolder file's stem, a WebDataset
+    sample key), else wnid_index for Parquet rows."""
     if item[3] < 0:  # an imagefolder file: wnid/name.JPEG
         return posixpath.splitext(item[0].split("/", 1)[1])[0]
+    if source_format == "webdataset":
+        return posixpath.basename(item[0].rsplit("#", 1)[1])
     return f"{wnids[label]}_{index:08d}"
 
 
@@ -558,6 +561,11 @@ def _convert_shard(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any]) -> Dic
     for item, index, blob in zip(items, job["indices"], blobs):
         source = storage.join(spec["uri"], item[0])
         problem = "missing label" if item[1] < 0 else ("cannot read the file or sample" if not blob else None)
+        if problem is None:
+            try:  # a corrupt image is not copied on: decoding at 1/4 scale makes the check cheap
+                open_image(blob, 3, draft_size=64)
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
         if problem:
             if spec["on_error"] == "raise":
                 raise BadInputError(f"data.on_error=raise: cannot use '{source}' ({problem}); fix or remove it, "
@@ -568,14 +576,14 @@ def _convert_shard(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any]) -> Dic
     if fmt == "imagefolder":
         def put(entry):
             item, index, blob = entry
-            name = _output_name(item, item[1], index, wnids)
+            name = _output_name(item, item[1], index, wnids, spec['format'])
             extension = "JPEG" if _image_extension(blob) == "jpg" else _image_extension(blob)
             storage.write_bytes(storage.join(out, wnids[item[1]], f"{name}.{extension}"), blob, storage_cfg)
 
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
             list(pool.map(put, kept))
     elif fmt == "parquet":
-        names = [f"{_output_name(item, item[1], index, wnids)}.{_image_extension(blob)}" for item, index, blob in kept]
+        names = [f"{_output_name(item, item[1], index, wnids, spec['format'])}.{_image_extension(blob)}" for item, index, blob in kept]
         image = pa.StructArray.from_arrays(
             [pa.array([blob for _, _, blob in kept], pa.binary()), pa.array(names, pa.string())], names=["bytes", "path"])
         table = pa.table({"image": image, "label": pa.array([item[1] for item, _, _ in kept], pa.int64())})
@@ -587,13 +595,13 @@ def _convert_shard(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any]) -> Dic
 
         members = []
         for item, index, blob in kept:
-            key = _output_name(item, item[1], index, wnids)
+            key = _output_name(item, item[1], index, wnids, spec['format'])
             members += sample_members(key, blob, item[1], _image_extension(blob), {"wnid": wnids[item[1]]})
         storage.write_bytes(storage.join(out, job["name"]), tar_bytes(members), storage_cfg)
     return {"written": np.asarray([len(kept)], dtype=np.int64), "errors": np.asarray([json.dumps(errors)], dtype=object)}
 
 
-def _convert_jobs(items, output_format: str, rows_per_shard: int, out: str, storage_cfg, wnids) -> Tuple[List[Dict[str, Any]], int]:
+def _convert_jobs(items, output_format: str, rows_per_shard: int, out: str, storage_cfg, wnids, source_format: str) -> Tuple[List[Dict[str, Any]], int]:
     """The output shards still to write (resume: those that exist are skipped) and the images in
     the skipped ones. imagefolder output is planned in groups of files, each file skipped alone."""
     present = {posixpath.relpath(uri, out) if not storage.is_s3(out) else uri[len(out.rstrip("/")) + 1 :]
@@ -606,7 +614,7 @@ def _convert_jobs(items, output_format: str, rows_per_shard: int, out: str, stor
             todo = []
             for i in indices:
                 item = items[i]
-                stem = _output_name(item, item[1], i, wnids) if item[1] >= 0 else None
+                stem = _output_name(item, item[1], i, wnids, source_format) if item[1] >= 0 else None
                 if stem is not None and any(f"{wnids[item[1]]}/{stem}.{ext}" in present for ext in ("JPEG", "png", "webp")):
                     skipped += 1
                 else:
@@ -642,7 +650,7 @@ def prepare_convert(cfg: Config) -> Dict[str, Any]:
     labels = sorted({label for _, label, _, _ in items if label >= 0})
     by_label = {label: wnid for wnid, label in catalog.class_to_label.items()}
     wnids = {label: by_label.get(label, digits_wnid(label)) for label in labels}
-    jobs, skipped = _convert_jobs(items, p.format, p.rows_per_shard, out, cfg.storage, wnids)
+    jobs, skipped = _convert_jobs(items, p.format, p.rows_per_shard, out, cfg.storage, wnids, source.format)
     print(f"convert: {len(items)} images from {source.format} to {p.format}; {len(jobs)} shard(s) to write, "
           f"{skipped} images already written", file=sys.stderr, flush=True)
     written, bad = 0, 0

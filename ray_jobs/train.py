@@ -258,8 +258,17 @@ def run_training(cfg: Config, *, after_shards: Optional[AfterShards] = None) -> 
         "export": export_uri if steps >= cfg.train.steps and storage.exists(export_uri, cfg.storage) else None,
         "final_loss": _last_loss(layout),
         "images_per_sec": metrics.get("images_per_sec"),
+        "data_wait_fraction": _data_wait_fraction(layout),
         "run": layout.root,
     }
+
+
+def _data_wait_fraction(layout: RunLayout) -> Optional[float]:
+    """The share of step time the run waited for data, after each start's first log interval."""
+    from speed.train.components import data_wait_summary
+
+    summary = data_wait_summary(list(layout.iter_metrics()))
+    return None if summary is None else round(summary["data_wait_fraction"], 4)
 
 
 def _last_loss(layout: RunLayout) -> Optional[float]:

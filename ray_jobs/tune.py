@@ -52,7 +52,7 @@ from speed.config.load import apply_overrides
 from speed.experiments import TrialRecord, check_search_space, num_trials, parse_search_space, trial_run_name
 from speed.experiments.fingerprint import check_run_fingerprint
 from speed.experiments.outputs import render, write_files
-from speed.experiments.space import SEED_KEY, STRATEGY_KEY, Dimension
+from speed.experiments.space import CELL_KEY, SEED_KEY, STRATEGY_KEY, Dimension, expand_cell
 from speed.train.run_layout import RunLayout
 
 log = logging.getLogger("speed.tune")
@@ -98,7 +98,7 @@ def _trial_dirname(trial) -> str:
 def trial_config(base: Config, values: Dict[str, Any], experiment: str, trial_id: str) -> Config:
     """The training config of one trial: base + its values, run under <experiment>/runs/<name>."""
     return apply_overrides(base, {
-        **values,
+        **expand_cell(values, base.sampling.steps),
         "run.name": trial_name(trial_id, values),
         "run.output_uri": storage.join(experiment, RUNS_FOLDER),
     })
@@ -411,7 +411,7 @@ def collect_records(cfg: Config, experiment: str, results, early_stopping: bool)
         name = Path(str(result.path)).name
         run = storage.join(experiment, RUNS_FOLDER, name)
         history = RunLayout(run, cfg.storage).read_metrics()
-        trial_cfg = apply_overrides(cfg, values) if values else cfg
+        trial_cfg = apply_overrides(cfg, expand_cell(values, cfg.sampling.steps)) if values else cfg
         info_uri = storage.join(run, TRIAL_FILE)
         wall = None
         if storage.exists(info_uri, cfg.storage):
@@ -430,7 +430,7 @@ def collect_records(cfg: Config, experiment: str, results, early_stopping: bool)
         records.append(TrialRecord(
             name=name,
             overrides=values,
-            strategy=str(values.get(STRATEGY_KEY, trial_cfg.diffusion.timesteps.name)),
+            strategy=str(values.get(CELL_KEY) or values.get(STRATEGY_KEY, trial_cfg.diffusion.timesteps.name)),
             seed=int(values.get(SEED_KEY, trial_cfg.run.seed)),
             history=history,
             status=status,

@@ -51,3 +51,33 @@ def test_baseline_convergence_flags_flat_or_still_falling_curves():
     assert not flat["converged"] and not flat["fell"]
     falling = baseline_convergence(evaluation_points(history([100, 90, 80, 70, 60, 50, 40, 30]), "fid"), 800)
     assert falling["fell"] and not falling["flattened"]
+
+
+def test_tune_cells_expand_to_their_config_and_report_the_same_format(tmp_path):
+    """The Tune path takes the benchmark's cells as the search-space key ``cell``: each trial gets
+    the cell's keys, and the experiment's files hold the cells table of speedup.json."""
+    import json
+
+    from ray_jobs import tune as tune_job
+    from speed.config import load_config
+    from speed.experiments.outputs import render
+    from speed.experiments.report import TrialRecord
+    from speed.experiments.space import check_search_space, parse_search_space
+
+    base = load_config("configs/ablations/digits_grid.yaml", [f"tune.output_uri={tmp_path}"])
+    dims = parse_search_space(base.tune.search_space)
+    assert check_search_space(base, dims) > 0  # every cell is a valid config
+    trial = tune_job.trial_config(base, {"cell": "flow-speed-routing", "run.seed": 1}, str(tmp_path), "abc_00003")
+    assert trial.diffusion.objective == "flow" and not trial.model.learn_sigma
+    assert trial.sampling.sampler == "heun" and trial.model.routing.fraction == 0.5
+    assert trial.diffusion.timesteps.name == "speed" and trial.run.seed == 1
+
+    def rec(cell, seed, values):
+        return TrialRecord(name=f"{cell}-{seed}", overrides={"cell": cell, "run.seed": seed}, strategy=cell, seed=seed,
+                           history=[{**r, "fid_digits": r.pop("fid")} for r in history(values)])
+
+    records = [rec("ddpm-uniform-none", 0, BASE), rec("flow-speed-routing", 0, BASE[1::2] + [19] * 4)]
+    files = render(records, base, "fid_digits", "min", title="grid")["files"]
+    cells = json.loads(files["cells.json"])["cells"]
+    assert cells["flow-speed-routing"]["speedup"]["steps"]["100"]["mean"] == pytest.approx(2.0)
+    assert "| flow-speed-routing |" in files["results.md"].decode()

@@ -90,13 +90,13 @@ def test_benchmark_refuses_runs_of_another_dataset(tmp_path, capsys):
             "train.checkpoint_every=2", "model.name=DiT-N/2"]
     cfg = speedup.storage.absolute_paths(load_config(speedup.BASE_CONFIG, ["model.name=DiT-N/2", f"run.output_uri={out}"]))
     digits = speedup.load_dataset(cfg)
-    trial = apply_overrides(cfg, {"run.name": "t000-uniform-seed0", "run.output_uri": str(out / "speedup-quick"),
+    trial = apply_overrides(cfg, {"run.name": "ddpm-uniform-none-seed0", "run.output_uri": str(out / "speedup-quick"),
                                   "diffusion.timesteps.name": "uniform", "run.seed": 0,
                                   "train.steps": 2, "train.eval_every": 0, "train.log_every": 1,
                                   "train.checkpoint_every": 2})
     speedup.check_trial(trial, speedup.data_digest(digits))  # what run_trial does before training
     layout = RunLayout.for_run(trial.run)
-    (tmp_path / "out" / "speedup-quick" / "t000-uniform-seed0" / metrics_part_name(0)).write_text(
+    (tmp_path / "out" / "speedup-quick" / "ddpm-uniform-none-seed0" / metrics_part_name(0)).write_text(
         json.dumps({"step": 1, "loss": 1.0}) + "\n")
     assert layout.metrics_parts()
     # The same trial on another dataset: stopped before any training, naming the keys.

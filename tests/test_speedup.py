@@ -130,3 +130,31 @@ def test_interpolated_steps_resolve_sub_grid_speedups():
     assert out["speed"]["speedup"] == 1.0
     assert out["speed"]["speedup_interpolated"] == pytest.approx(1.2)
     assert out["speed"]["speedup_interpolated_min"] == out["speed"]["speedup_interpolated_max"] == pytest.approx(1.2)
+
+
+def test_benchmark_grid_writes_cells_in_three_units(tmp_path):
+    """A tiny grid run end to end: the cells format of speedup.json, the table and the plots."""
+    import json
+
+    from benchmarks import speedup
+
+    out = tmp_path / "results"
+    code = speedup.main([
+        "--cells", "flow-speed-routing,ddpm-speed+learned-none", "--seeds", "0", "--out", str(out),
+        f"run.output_uri={tmp_path / 'runs'}", "model.name=DiT-N/2", "train.steps=4", "train.eval_every=2",
+        "train.log_every=2", "train.checkpoint_every=4", "train.eval_num_samples=16", "sampling.steps=4",
+    ])
+    assert code == 0
+    report = json.loads((out / "speedup.json").read_text())
+    assert list(report["cells"]) == ["ddpm-uniform-none", "flow-speed-routing", "ddpm-speed+learned-none"]
+    cell = report["cells"]["flow-speed-routing"]
+    assert (cell["objective"], cell["strategy"], cell["accelerator"]) == ("flow", "speed", "routing")
+    assert set(cell["speedup"]) == {"steps", "flops", "cpu_s"}
+    assert set(cell["speedup"]["flops"]) == {"25", "50", "100"}
+    baseline = report["cells"]["ddpm-uniform-none"]["speedup"]["steps"]["100"]
+    assert baseline["mean"] == 1.0 and baseline["seeds_reached"] == 1  # the baseline against itself
+    assert cell["train_flops_per_image"] < report["cells"]["ddpm-uniform-none"]["train_flops_per_image"]
+    assert "ddpm-uniform-none" in report["strategies"] or "uniform" in report["strategies"]
+    for name in ("speedup.md", "speedup.png", "speedup_flops.png", "speedup_timesteps.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| flow-speed-routing |" in (out / "speedup.md").read_text()

@@ -354,7 +354,7 @@ class DataConfig:
     prefetch_batches: int = 2
     max_logged_errors: int = 5  # bad files logged in full; after that only counted
     read_cpus: float = positive(0.25)  # CPUs per Ray Data read/decode task
-    # JPEG decode: fast (libjpeg scales by 1/2..1/8 in the DCT domain when the image is at least
+    # JPEG decode: fast (libjpeg scales by 1/2 or 1/4 in the DCT domain when the image is at least
     # twice data.resolution, then ADM's crop) or exact (ADM's recipe on the full-size image)
     decode: str = choice("fast", "exact")
     # The file list, labels and sizes, kept beside the data (or at catalog_uri): auto reuses it

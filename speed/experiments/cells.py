@@ -51,6 +51,11 @@ class Cell:
     def name(self) -> str:
         return f"{self.objective}-{self.strategy}-{self.accelerator}"
 
+    @property
+    def run_name(self) -> str:
+        """The name as a folder name ('+' of a composed strategy becomes '.')."""
+        return self.name.replace("+", ".")
+
     def overrides(self, ddpm_sampling_steps: int) -> List[str]:
         if self.accelerator not in ACCELERATORS:
             raise ValueError(f"accelerator must be one of {list(ACCELERATORS)}, got {self.accelerator!r}")

@@ -117,3 +117,83 @@ def baseline_convergence(points: Sequence[Mapping[str, float]], budget: int, mod
     flattened = abs(three_quarters - last) <= 0.15 * max(abs(last), 1e-12)
     return {"converged": bool(fell and flattened), "fell": bool(fell), "flattened": bool(flattened),
             "first": first, "at_75": three_quarters, "final": last}
+
+
+# --- reports shared by benchmarks.speedup and ray_jobs.tune ---------------------------------------
+
+
+def _spread(values: Sequence[Optional[float]]) -> Optional[Dict[str, float]]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def cells_report(histories: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]], metric: str, mode: str,
+                 budget: int, baseline_cell: str) -> Dict[str, Dict[str, Any]]:
+    """The ``cells`` object of speedup.json: {cell name: {objective, strategy, accelerator, speedup, final_metric,
+    train_flops_per_image, seeds}} from {cell name: {seed: history}} (the baseline cell among them)."""
+    from speed.experiments.cells import Cell
+
+    if baseline_cell not in histories:
+        raise ValueError(f"no runs of the baseline cell {baseline_cell}")
+    baseline = histories[baseline_cell]
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, runs in histories.items():
+        cell = Cell.parse(name)
+        finals = []
+        for history in runs.values():
+            points = evaluation_points(history, metric)
+            finals.append(points[-1]["value"] if points else None)
+        flops = next((r.get("train_flops_per_image") for h in runs.values() for r in h
+                      if r.get("train_flops_per_image")), None)
+        out[name] = {
+            "objective": cell.objective, "strategy": cell.strategy, "accelerator": cell.accelerator,
+            "speedup": cell_speedup(runs, baseline, metric, mode, budget),
+            "final_metric": _spread(finals),
+            "train_flops_per_image": flops,
+            "seeds": sorted(runs),
+        }
+    return out
+
+
+def _fmt(value: Any, none: str = "never") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _fmt_speedup(entry: Optional[Mapping[str, Any]]) -> str:
+    if entry is None:
+        return "never"
+    reached = "" if entry["seeds_reached"] == entry["seeds"] else f" ({entry['seeds_reached']}/{entry['seeds']} seeds)"
+    return f"{_fmt(entry['mean'], '?')} [{_fmt(entry['min'], '?')}, {_fmt(entry['max'])}]{reached}"
+
+
+def cells_markdown(cells: Mapping[str, Mapping[str, Any]], metric: str) -> List[str]:
+    """The compute-to-quality table: one row per cell, speed-ups in FLOPs, steps and CPU-seconds."""
+    order = ("flops", "steps", "cpu_s")
+    head = " | ".join(f"{unit} @{key}%" for unit in order for key in TARGETS)
+    lines = [
+        f"| cell | final {metric} (mean [min, max]) | train GFLOPs/image | {head} |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in range(len(order) * len(TARGETS))) + " |",
+    ]
+    for name, cell in cells.items():
+        final = cell["final_metric"]
+        final_text = f"{_fmt(final['mean'])} [{_fmt(final['min'])}, {_fmt(final['max'])}]" if final else "n/a"
+        flops = cell["train_flops_per_image"]
+        values = " | ".join(_fmt_speedup(cell["speedup"][unit][key]) for unit in order for key in TARGETS)
+        lines.append(f"| {name} | {final_text} | {_fmt(flops / 1e9 if flops else None, 'n/a')} | {values} |")
+    return lines
+
+
+DEFINITIONS = (
+    "cells are measured against the plain DiT recipe (ddpm-uniform-none) of the same seed. Targets: the "
+    "baseline's metric at 25%, 50% and 100% of its step budget. Cost of a run at a target: at its first "
+    "evaluation reaching it, in training steps, training FLOPs (steps x global batch x train_flops_per_image, "
+    "counted by torch.utils.flop_counter) and CPU-seconds of the training process (fetch + optimizer steps, "
+    "evaluation excluded). Speed-up = baseline cost / cell cost; mean/min/max over seeds (mean and min null when "
+    "a seed never reaches the target; the whole entry null when none does)"
+)

@@ -34,6 +34,7 @@ def plot_curves(
     panels: Sequence[Tuple[str, Mapping[str, Mapping[Any, Curve]]]],
     title: Optional[str] = None,
     targets: Optional[Mapping[str, float]] = None,
+    xlabel: str = "training step",
 ) -> bytes:
     """One panel per (metric, {label: {seed: curve}}): seed mean with a min-max band per label.
 
@@ -56,7 +57,7 @@ def plot_curves(
                 ax.fill_between(stats["steps"], stats["min"], stats["max"], color=line.get_color(), alpha=0.2)
         if targets and metric in targets and targets[metric] is not None:
             ax.axhline(targets[metric], color="grey", linestyle="--", linewidth=1, label="baseline final")
-        ax.set_xlabel("training step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)

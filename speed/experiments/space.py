@@ -30,6 +30,9 @@ RESERVED_KEYS = ("run.name", "run.output_uri", "train.resume_from")
 # Keys that name a trial's timestep strategy and its seed (the baseline is matched on these).
 STRATEGY_KEY = "diffusion.timesteps.name"
 SEED_KEY = "run.seed"
+# A pseudo-key: a cell of the compute-to-quality grid (<objective>-<strategy>-<accelerator>,
+# speed.experiments.cells), which sets several config keys together.
+CELL_KEY = "cell"
 # Above this many combinations the check applies each value on its own instead of the product.
 _MAX_CHECKED_COMBINATIONS = 256
 
@@ -64,6 +67,9 @@ def parse_search_space(space: Mapping[str, Any], known_keys: Iterable[str] | Non
     dims: List[Dimension] = []
     for key, raw in (space or {}).items():
         where = f"tune.search_space['{key}']"
+        if key == CELL_KEY:
+            dims.append(_cell_dimension(raw, where))
+            continue
         if key not in known:
             import difflib
 
@@ -99,6 +105,42 @@ def parse_search_space(space: Mapping[str, Any], known_keys: Iterable[str] | Non
             values = [lo, hi]
         dims.append(Dimension(key=key, kind=kind, values=tuple(values)))
     return dims
+
+
+def _cell_dimension(raw: Any, where: str) -> Dimension:
+    from speed.experiments.cells import ACCELERATORS, Cell
+
+    values = _plain(raw)
+    if isinstance(values, dict) and list(values) == ["grid"]:
+        values = values["grid"]
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where} must be a list of cells <objective>-<strategy>-<accelerator>, got {raw!r}")
+    for value in values:
+        try:
+            cell = Cell.parse(str(value))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if cell.accelerator not in ACCELERATORS:
+            raise ConfigError(f"{where}: {value!r} names accelerator {cell.accelerator!r}; choose one of "
+                              f"{', '.join(ACCELERATORS)}")
+    return Dimension(key=CELL_KEY, kind="grid", values=tuple(str(v) for v in values))
+
+
+def expand_cell(values: Mapping[str, Any], sampling_steps: int) -> Dict[str, Any]:
+    """A trial's values with its ``cell`` replaced by the config overrides the cell stands for
+    (the cell's own keys win over the other values)."""
+    import yaml
+
+    from speed.experiments.cells import Cell
+
+    out = {k: v for k, v in values.items() if k != CELL_KEY}
+    if CELL_KEY in values:
+        for item in Cell.parse(str(values[CELL_KEY])).overrides(sampling_steps):
+            key, text = item.split("=", 1)
+            out[key] = yaml.safe_load(text)
+    return out
 
 
 def grid_points(dims: Sequence[Dimension]) -> List[Dict[str, Any]]:
@@ -138,7 +180,7 @@ def check_search_space(cfg: Config, dims: Sequence[Dimension]) -> int:
     checked = 0
     for overrides in _check_values(dims):
         try:
-            apply_overrides(cfg, overrides)
+            apply_overrides(cfg, expand_cell(overrides, cfg.sampling.steps))
         except ConfigError as exc:
             shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
             raise ConfigError(f"tune.search_space: the trial {{{shown}}} is not a valid config: {exc}") from exc

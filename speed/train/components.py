@@ -201,6 +201,32 @@ class MetricLogger:
             shutil.rmtree(self.tb_local, ignore_errors=True)
 
 
+DATA_WAIT_TARGET = 0.05  # the share of step time spent waiting for data that docs/data.md sizes for
+
+
+def data_wait_summary(records: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The data-wait fraction a run saw, from its log records: time-weighted over every interval but
+    the first of each (re)start (which includes the pipeline's start-up), as
+    {"data_wait_fraction", "intervals"}; None when there is no such interval."""
+    waited = elapsed = 0.0
+    intervals = 0
+    seen_starts = set()
+    for record in records:
+        if "data_wait_fraction" not in record or "step_time_s" not in record:
+            continue
+        start = record.get("resumed_from_step", 0)
+        if start not in seen_starts:
+            seen_starts.add(start)  # the first interval of this start: start-up, not steady state
+            continue
+        seconds = float(record["step_time_s"])  # intervals hold train.log_every steps: weight by step time
+        waited += float(record["data_wait_fraction"]) * seconds
+        elapsed += seconds
+        intervals += 1
+    if not intervals or elapsed <= 0:
+        return None
+    return {"data_wait_fraction": waited / elapsed, "intervals": intervals}
+
+
 class StepTimer:
     """Wall time and data-wait time of the steps since the last log record, and the CPU-seconds
     this process spent fetching and stepping since the run began (``train_cpu_s``: evaluation,

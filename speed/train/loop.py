@@ -22,6 +22,7 @@ from speed.models.export import load_state_dict_checked, read_weights, save_expo
 from speed.models.registry import describe
 from speed.train.checkpoint import AfterShards, load_checkpoint
 from speed.train.components import (
+    DATA_WAIT_TARGET,
     Checkpointer,
     Control,
     Evaluator,
@@ -31,6 +32,7 @@ from speed.train.components import (
     Schedule,
     StepTimer,
     StopRequested,
+    data_wait_summary,
 )
 from speed.train.distributed import DistEnv
 from speed.train.optim import lr_at
@@ -62,6 +64,7 @@ class TrainResult:
     images_per_sec: float
     export_uri: Optional[str]
     history: List[Dict[str, Any]] = field(default_factory=list)
+    data_wait_fraction: Optional[float] = None  # after the first log interval (components.data_wait_summary)
 
 
 def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
@@ -176,6 +179,16 @@ def train(
     finally:
         logger.close(failed=failed)
     wall_records = [r for r in logger.history if "images_per_sec" in r]
+    waited = data_wait_summary(logger.history)
+    if waited is not None and env.is_main:
+        fraction = waited["data_wait_fraction"]
+        message = (f"data wait: {100 * fraction:.1f}% of step time after the first log interval "
+                   f"({waited['intervals']} intervals)")
+        if fraction > DATA_WAIT_TARGET:
+            log.warning("%s, above %.0f%%: the data pipeline does not keep up; give it more CPUs (see the sizing "
+                        "table in docs/data.md) or raise data.read_cpus", message, 100 * DATA_WAIT_TARGET)
+        else:
+            log.info(message)
     return TrainResult(
         steps=step,
         start_step=start_step,
@@ -183,6 +196,7 @@ def train(
         images_per_sec=(sum(r["images_per_sec"] for r in wall_records) / len(wall_records)) if wall_records else 0.0,
         export_uri=export_uri,
         history=logger.history,
+        data_wait_fraction=None if waited is None else waited["data_wait_fraction"],
     )
 
 
