@@ -254,6 +254,10 @@ def sizing(per_cpu: Dict[str, float], rate: float) -> Dict[str, Dict[str, float]
 
 def markdown(result: Dict[str, Any]) -> str:
     a = result["settings"]
+    if a["catalog_only"]:
+        return "\n".join(["# Time to the first batch against the number of objects", "",
+                          f"Measured on {result['machine']}, a 2-core machine shared with other jobs.",
+                          *_catalog_lines(result), "", f"Command: `{result['command']}`", ""])
     lines = [
         "# Data feed: images per CPU, time to the first batch, CPUs per GPU",
         "",
@@ -277,17 +281,23 @@ def markdown(result: Dict[str, Any]) -> str:
               "| format | img/CPU-s through Ray Data | CPUs per GPU | CPUs per 8-GPU node |", "|---|---|---|---|"]
     for fmt, row in result["sizing"].items():
         lines.append(f"| {fmt} | {row['images_per_cpu_s']} | {row['cpus_per_gpu']} | {row['cpus_per_8_gpu_node']} |")
-    if result.get("catalog"):
-        lines += ["", "## Time to the first batch against the number of objects (imagefolder, tiny JPEGs, moto)", "",
-                  "| objects | catalog built: listing (s) | first batch (s) | catalog reused: (s) | first batch (s) |",
-                  "|---|---|---|---|---|"]
-        for row in result["catalog"]:
-            lines.append(f"| {row['objects']} | {row['built_catalog_s']} | {row['built_first_batch_s']} | "
-                         f"{row['reused_catalog_s']} | {row['reused_first_batch_s']} |")
-        lines += ["", "moto lists and serves objects far slower than S3 (one Python process); the reused catalog "
-                  "needs one listing of the class folders instead of every object."]
+    lines += _catalog_lines(result)
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
+
+
+def _catalog_lines(result: Dict[str, Any]) -> List[str]:
+    if not result.get("catalog"):
+        return []
+    lines = ["", "## Time to the first batch against the number of objects (imagefolder, tiny JPEGs, moto)", "",
+             "| objects | class folders | catalog built: list + write (s) | first batch (s) | catalog reused (s) | "
+             "first batch (s) |", "|---|---|---|---|---|---|"]
+    for row in result["catalog"]:
+        lines.append(f"| {row['objects']} | {row['classes']} | {row['built_catalog_s']} | {row['built_first_batch_s']} | "
+                     f"{row['reused_catalog_s']} | {row['reused_first_batch_s']} |")
+    return lines + ["", "moto (one Python process) lists and serves objects far slower than S3, which returns 1,000 "
+                    "keys per request; the reused catalog needs one delimited listing of the class folders and one "
+                    "read of the catalog instead of a listing of every object."]
 
 
 def main(argv=None) -> int:
@@ -302,6 +312,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-rate", type=float, default=GPU_CHECK_RATE, help="trainer img/s per GPU")
     parser.add_argument("--catalog-objects", default="", help="comma-separated object counts, e.g. 10000,100000")
     parser.add_argument("--formats", default=",".join(FORMATS), help="formats to stream through Ray Data")
+    parser.add_argument("--catalog-only", action="store_true", help="only the --catalog-objects measurement")
     parser.add_argument("--out", default="benchmarks/results/data_feed")
     parser.add_argument("--use-env", action="store_true", help="use the S3 endpoint in the AWS_* variables")
     args = parser.parse_args(argv)
@@ -316,19 +327,21 @@ def main(argv=None) -> int:
 
         from benchmarks.imagenet_like import generate
 
-        bucket = f"data-feed-{int(time.time())}"
-        boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL")).create_bucket(Bucket=bucket)
-        root = f"s3://{bucket}/imagenet-like"
-        data = generate(root, images=args.images, classes=args.classes, formats=list(FORMATS), shards=args.shards)
-        print(f"wrote {json.dumps(data)}", file=sys.stderr, flush=True)
-        decode = decode_rates(root, args)
+        data, decode = {}, {}
+        if not args.catalog_only:
+            bucket = f"data-feed-{int(time.time())}"
+            boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL")).create_bucket(Bucket=bucket)
+            root = f"s3://{bucket}/imagenet-like"
+            data = generate(root, images=args.images, classes=args.classes, formats=list(FORMATS), shards=args.shards)
+            print(f"wrote {json.dumps(data)}", file=sys.stderr, flush=True)
+            decode = decode_rates(root, args)
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}})
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
         fed = {}
-        for fmt in [f for f in args.formats.split(",") if f]:
+        for fmt in [] if args.catalog_only else [f for f in args.formats.split(",") if f]:
             fed[fmt] = feed(_cfg(fmt, f"{root}/{fmt}", args), args.batch_size)
             print(f"Ray Data, {fmt}: first batch {fed[fmt]['first_batch_s']} s; {fed[fmt]['images_per_s']} img/s, "
                   f"{fed[fmt]['images_per_cpu_s']} img/CPU-s", file=sys.stderr, flush=True)
@@ -338,6 +351,8 @@ def main(argv=None) -> int:
         if moto is not None:
             stop_server(moto)
     per_cpu = {fmt: row["images_per_cpu_s"] for fmt, row in fed.items()}
+    if decode.get("latents", {}).get("fast"):
+        per_cpu["latents"] = decode["latents"]["fast"]  # no image decode: CPUs are not what limits latents
     result = {
         "event": "data_feed", "machine": f"{os.cpu_count()}-core {platform.machine()} ({platform.system()})",
         "settings": vars(args), "data": data, "decode": decode, "feed": fed, "catalog": catalog,

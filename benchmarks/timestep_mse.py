@@ -1,5 +1,10 @@
 """Where along the diffusion process each strategy's model got better: the *unweighted* epsilon MSE
-of the final EMA models of a ``benchmarks.speedup`` run, per tenth of the timesteps.
+of the final EMA models of a ``benchmarks.speedup`` run, per tenth of the DDPM timesteps.
+
+Flow models are measured on the same axis: at DDPM step i the flow time with the same log-SNR is
+t_i = sigmoid(-lambda_i / 2), where the flow input is the DDPM one rescaled,
+x_t = (1 - t_i) / sqrt(abar_i) x_i, and the velocity gives eps = x_t + (1 - t_i) v; so both
+objectives' rows are the same quantity on the same noise levels and images.
 
     python -m benchmarks.timestep_mse RUNS_DIR [--out FILE.md] [--images N]
 
@@ -32,6 +37,7 @@ def bucket_mse(export_dir: Path, images: torch.Tensor, labels: torch.Tensor, dra
 
     model, description = load_sampling_model(str(export_dir))
     diffusion = create_diffusion(description.num_timesteps, description.schedule, learn_sigma=False)
+    alphas_cumprod = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64)
     channels = description.in_channels
     generator = torch.Generator().manual_seed(seed)
     width = description.num_timesteps // NUM_BUCKETS
@@ -42,16 +48,32 @@ def bucket_mse(export_dir: Path, images: torch.Tensor, labels: torch.Tensor, dra
             t = torch.randint(bucket * width, (bucket + 1) * width, (len(labels),), generator=generator)  # [N]
             noise = torch.randn(images.shape, generator=generator)  # [N, C, H, W]
             x_t = diffusion.q_sample(images, t, noise)
-            eps = model(x_t, t, labels)[:, :channels]  # [N, C, H, W]; learned-sigma channels dropped
+            if getattr(description, "objective", "ddpm") == "flow":
+                eps = flow_eps(model, x_t, t, labels, alphas_cumprod)
+            else:
+                eps = model(x_t, t, labels)[:, :channels]  # [N, C, H, W]; learned-sigma channels dropped
             total += float(((eps - noise) ** 2).mean(dim=(1, 2, 3)).sum())
             count += len(labels)
         out.append(total / count)
     return out
 
 
+def flow_eps(model, x_ddpm: torch.Tensor, steps: torch.Tensor, labels: torch.Tensor,
+             alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """A flow model's eps prediction at the DDPM steps' noise levels (same log-SNR), from x_ddpm [N, C, H, W]."""
+    abar = alphas_cumprod[steps]  # [N]
+    t = torch.sqrt(1 - abar) / (torch.sqrt(abar) + torch.sqrt(1 - abar))  # t / (1 - t) = sqrt((1 - abar) / abar)
+    scale = ((1 - t) / torch.sqrt(abar)).view(-1, 1, 1, 1)
+    x_t = (scale * x_ddpm.double()).float()
+    v = model(x_t, t.float(), labels)
+    return x_t + (1 - t.float()).view(-1, 1, 1, 1) * v
+
+
 def strategy_of(trial: str) -> str:
-    # Trial folders are named t<index>-<strategy>-seed<seed>.
-    return trial.split("-", 1)[1].rsplit("-seed", 1)[0]
+    """The variant of a trial folder: a cell (<cell>-seed<seed>) or an older t<index>-<strategy>-seed<seed>."""
+    name = trial.rsplit("-seed", 1)[0]
+    head, _, rest = name.partition("-")
+    return rest if head[:1] == "t" and head[1:].isdigit() else name
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -82,13 +104,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mean = [sum(col) / len(col) for col in zip(*per_seed)]
         summary[name] = {"seeds": len(per_seed), "mse_by_bucket": mean}
         lines.append(f"| {name} ({len(per_seed)}) | " + " | ".join(f"{v:.4f}" for v in mean) + " |")
-    if "uniform" in summary:
-        base = summary["uniform"]["mse_by_bucket"]
+    baseline = next((b for b in ("ddpm-uniform-none", "uniform") if b in summary), None)
+    if baseline is not None:
+        base = summary[baseline]["mse_by_bucket"]
         for name, entry in summary.items():
-            if name != "uniform":
+            if name != baseline:
                 ratio = [m / b for m, b in zip(entry["mse_by_bucket"], base)]
-                entry["ratio_to_uniform"] = ratio
-                lines.append(f"| {name} / uniform | " + " | ".join(f"{r:.2f}" for r in ratio) + " |")
+                entry[f"ratio_to_{baseline}"] = ratio
+                lines.append(f"| {name} / {baseline} | " + " | ".join(f"{r:.2f}" for r in ratio) + " |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -17,7 +17,9 @@ start); Parquet through ``read_parquet``; WebDataset tar shards through
 * imagefolder / parquet / webdataset: ``image`` float32 [C, R, R] in [-1, 1], ``label`` int64;
 * latents: ``latent_mean`` / ``latent_std`` float16 [4, R/8, R/8] (orientation already chosen),
   ``label`` int64; the trainer draws ``speed.data.latents.sample_latents(mean, std, None,
-  data.latent_scale, generator)`` for each batch.
+  data.latent_scale, generator)`` for each batch. With ``repa.encoder`` set, also ``clean_image``
+  uint8 [3, r, r], the stored clean image flipped exactly when the latent is the flipped one
+  (latents encoded without ``prepare.keep_images=true`` are refused with that fix).
 
 The digits format lives in memory and never goes through Ray Data: use
 ``speed.data.digits.load_digits`` and ``digits_batch_indices``.
@@ -72,7 +74,7 @@ from speed.data import records
 from speed.data.batches import BadInput
 from speed.data.catalog import DatasetCatalog, EpochPlan, load_catalog, plan_epoch
 from speed.data.builtin import builtin_num_classes, builtin_num_images, is_builtin
-from speed.data.latents import LATENT_COLUMNS
+from speed.data.latents import LATENT_COLUMNS, LATENT_IMAGE_COLUMN, check_latent_images
 
 log = logging.getLogger("speed.data")
 
@@ -183,6 +185,11 @@ def _catalog_key(cfg: Config) -> Tuple:
     )
 
 
+def wants_clean_images(cfg: Config) -> bool:
+    """REPA on latents: the rows must carry the clean image beside the latent."""
+    return cfg.data.format == "latents" and bool(cfg.repa.encoder)
+
+
 def preflight_data(cfg: Config) -> Dict[str, Any]:
     """Check, before any cluster work, that ``data.uri`` is reachable and holds a usable dataset.
 
@@ -202,6 +209,8 @@ def preflight_data(cfg: Config) -> Dict[str, Any]:
         storage.preflight(data.class_index_uri, cfg.storage, key="data.class_index_uri")
     loaded = load_catalog(data, cfg.storage, num_classes=cfg.model.num_classes)
     found = loaded.catalog
+    if wants_clean_images(cfg):
+        check_latent_images(found.latent_meta, found.uri)
     _catalogs[_catalog_key(cfg)] = found
     summary = {
         "format": found.format,
@@ -314,12 +323,15 @@ def _epoch_dataset(cfg: Config, catalog: DatasetCatalog, seed: int, epoch: int, 
     fs, _ = storage.filesystem(catalog.uri, cfg.storage)
     paths = [catalog.file_path(relative) for relative in plan.files]
     read_cpus = float(data.read_cpus)
-    spec = records.decode_spec(data, catalog, num_classes=cfg.model.num_classes, seed=seed, epoch=epoch).to_dict()
+    clean = wants_clean_images(cfg)
+    spec = records.decode_spec(data, catalog, num_classes=cfg.model.num_classes, seed=seed, epoch=epoch,
+                               clean_images=clean).to_dict()
     decode = {"batch_size": IMAGE_DECODE_BATCH, "num_cpus": read_cpus}
     if data.format == "latents":
+        columns = [*LATENT_COLUMNS, LATENT_IMAGE_COLUMN] if clean else list(LATENT_COLUMNS)
         return ray.data.read_parquet(
             paths, filesystem=fs, num_cpus=read_cpus, override_num_blocks=len(paths),
-        ).select_columns(list(LATENT_COLUMNS)).map_batches(
+        ).select_columns(columns).map_batches(
             _decode_latents, fn_kwargs={"spec": spec}, batch_size=LATENT_DECODE_BATCH, batch_format="numpy",
             num_cpus=read_cpus,
         )

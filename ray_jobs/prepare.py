@@ -27,6 +27,11 @@ prepare.task=encode (configs/prepare/encode_imagenet.yaml)
     that exist, so an interrupted job resumes without duplicates; _meta.json records the VAE and
     the source so that a rerun with different ones is refused.
 
+    ``prepare.keep_images=true`` also stores each image's clean center crop (unflipped; PNG or JPEG
+    per ``prepare.image_format``, ``prepare.image_resolution`` px, default ``prepare.resolution``)
+    in an ``image`` column beside its latents, for REPA on latents: the training reader flips it
+    exactly when it picks the flipped latent.
+
 Both print progress on stderr and end with one JSON line on stdout:
 ``{"event": "prepare_done", "uri": ..., "images": N, "skipped": K, ...}``.
 """
@@ -225,6 +230,7 @@ _RESUME_FIELDS = (
     ("rows_per_shard", "prepare.rows_per_shard"),
     ("num_shards", "the shard count"),
     ("vae_dtype", "vae.dtype"),
+    ("images", "the stored images (prepare.keep_images, prepare.image_resolution, prepare.image_format)"),
 )
 
 
@@ -341,7 +347,24 @@ def _fetch_and_crop(batch: Dict[str, np.ndarray], *, spec: Dict[str, Any]) -> Di
         "ok": ok,
         "error": np.asarray(errors, dtype=object),
         "image": images,
+        **({"clean": _clean_images(images, ok, spec["keep_images"])} if spec.get("keep_images") else {}),
     }
+
+
+def _clean_images(crops: np.ndarray, ok: np.ndarray, images: Dict[str, Any]) -> np.ndarray:
+    """uint8 crops [N, R, R, 3] -> the encoded clean images to store (b"" where not ok)."""
+    from PIL import Image
+
+    resolution, fmt = int(images["resolution"]), images["format"]
+    out = np.empty(len(crops), dtype=object)
+    for i, crop in enumerate(crops):
+        if not ok[i]:
+            out[i] = b""
+            continue
+        if crop.shape[0] != resolution:  # a smaller copy: PIL's bicubic resize filters (antialiased)
+            crop = np.asarray(Image.fromarray(crop).resize((resolution, resolution), resample=Image.BICUBIC))
+        out[i] = encode_image(crop, "JPEG" if fmt == "jpeg" else "PNG")
+    return out
 
 
 class VAEEncoder:
@@ -368,7 +391,7 @@ class VAEEncoder:
             n = int(ok.sum())
             means[ok] = torch.stack([mean[:n], mean[n:]], dim=1).half().cpu().numpy()
             stds[ok] = torch.stack([std[:n], std[n:]], dim=1).half().cpu().numpy()
-        out = {key: batch[key] for key in ("index", "shard", "key", "label", "ok", "error")}
+        out = {key: batch[key] for key in ("index", "shard", "key", "label", "ok", "error", "clean") if key in batch}
         out.update(latent_mean=means, latent_std=stds)
         return out
 
@@ -385,6 +408,17 @@ def _shard_rows(out: str, names: Sequence[str], storage_cfg: StorageConfig) -> i
 
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         return int(sum(pool.map(rows, names)))
+
+
+def _stored_images(p) -> Optional[Dict[str, Any]]:
+    """_meta.json's "images" entry: what prepare.keep_images stores beside each latent, or None."""
+    if not p.keep_images:
+        return None
+    resolution = p.image_resolution or p.resolution
+    if resolution > p.resolution:
+        raise ConfigError(f"prepare.image_resolution={resolution} is above prepare.resolution={p.resolution}; the "
+                          "stored image is the center crop, at most that size (REPA's encoder resizes it anyway)")
+    return {"format": p.image_format, "resolution": int(resolution), "channels": 3, "orientation": "original"}
 
 
 def prepare_encode(cfg: Config) -> Dict[str, Any]:
@@ -412,6 +446,7 @@ def prepare_encode(cfg: Config) -> Dict[str, Any]:
     items = _source_items(catalog)
     num_shards = max(1, math.ceil(len(items) / p.rows_per_shard))
     latent_size = p.resolution // VAE_DOWNSAMPLE
+    images = _stored_images(p)
     valid_labels = [label for _, label, _, _ in items if label >= 0]
     planned = {
         "format": LATENT_FORMAT,
@@ -431,6 +466,7 @@ def prepare_encode(cfg: Config) -> Dict[str, Any]:
                    "fingerprint": _fingerprint(items)},
         "rows_per_shard": p.rows_per_shard,
         "num_shards": num_shards,
+        "images": images,
         "complete": False,
     }
     meta_uri = storage.join(out, LATENT_META_NAME)
@@ -460,6 +496,7 @@ def prepare_encode(cfg: Config) -> Dict[str, Any]:
         spec = {
             "uri": catalog.uri, "format": source_data.format, "storage": cfg.storage,
             "resolution": p.resolution, "on_error": source_data.on_error, "image_column": source_data.image_column,
+            "keep_images": images,
         }
         use_gpu = p.num_gpus_per_actor > 0
         encoder_resources = {"num_gpus": p.num_gpus_per_actor} if use_gpu else {"num_cpus": 1}
@@ -520,7 +557,8 @@ def _write_shard(out: str, shard: int, num_shards: int, parts: List[Dict[str, np
     order = np.argsort(merged["index"], kind="stable")
     keep = order[merged["ok"][order].astype(bool)]
     table = latent_shard_table(
-        [str(k) for k in merged["key"][keep]], merged["label"][keep], merged["latent_mean"][keep], merged["latent_std"][keep]
+        [str(k) for k in merged["key"][keep]], merged["label"][keep], merged["latent_mean"][keep], merged["latent_std"][keep],
+        images=list(merged["clean"][keep]) if "clean" in merged else None,
     )
     # One whole-object write: readers and reruns never see half a shard.
     storage.write_bytes(storage.join(out, shard_name(shard, num_shards)), table_to_parquet_bytes(table), storage_cfg)

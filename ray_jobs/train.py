@@ -396,7 +396,7 @@ class StreamSource:
                 "so the dataset changed while training (files removed?)"
             ) from None
 
-    def batch(self, step: int, offset: int, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, offset: int, count: int) -> Tuple[torch.Tensor, ...]:
         while self.next_step < step:  # restarted later than this invocation began
             self._next_rows(count)
             self.next_step += 1
@@ -410,6 +410,8 @@ class StreamSource:
         # A fresh posterior sample per visit, from stream "latents" at (step, this rank's offset).
         generator = seeding.generator(self.cfg.run.seed, "latents", step, offset)
         latents = sample_latents(rows["latent_mean"], rows["latent_std"], None, self.cfg.data.latent_scale, generator)
+        if "clean_image" in rows:  # REPA: uint8 [count, 3, r, r], oriented like the latents
+            return latents, labels, rows["clean_image"]
         return latents, labels
 
 

@@ -254,3 +254,20 @@ def test_catalog_on_object_storage_and_a_read_only_place(s3_bucket, tmp_path, ca
     with caplog.at_level("WARNING"):
         assert load_catalog(unwritable).location is None
     assert "data.catalog_uri" in caplog.text
+
+
+def test_data_wait_summary_skips_each_start_s_first_interval():
+    from speed.train.components import data_wait_summary
+
+    records = [
+        {"step": 50, "resumed_from_step": 0, "step_time_s": 2.0, "data_wait_fraction": 0.9},  # start-up
+        {"step": 100, "resumed_from_step": 0, "step_time_s": 1.0, "data_wait_fraction": 0.02},
+        {"step": 150, "resumed_from_step": 0, "step_time_s": 1.0, "data_wait_fraction": 0.04},
+        {"step": 200, "resumed_from_step": 150, "step_time_s": 3.0, "data_wait_fraction": 0.8},  # a resume's start
+        {"step": 250, "resumed_from_step": 150, "step_time_s": 2.0, "data_wait_fraction": 0.06},
+        {"eval": 1.0},
+    ]
+    summary = data_wait_summary(records)
+    assert summary["intervals"] == 3
+    assert summary["data_wait_fraction"] == pytest.approx((0.02 + 0.04 + 0.06 * 2) / 4)
+    assert data_wait_summary(records[:1]) is None

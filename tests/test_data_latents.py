@@ -73,3 +73,47 @@ def test_epoch_plans_skip_whole_files_only():
     assert resumed.files == full.files[1:] and resumed.images_skipped == first
     with pytest.raises(ValueError, match="skip_images=100"):
         plan_epoch(catalog, 1, 0, skip_images=100)
+
+
+def test_clean_images_travel_with_their_latent_and_flip_with_it():
+    """REPA on latents: the stored (unflipped) image is flipped exactly when the flipped latent is
+    picked, so the encoder's target always shows what the latent encodes."""
+    from speed.data import records
+    from speed.data.latents import CLEAN_IMAGE_FIELD, check_latent_images
+    from speed.data.transforms import encode_image
+
+    rng = np.random.default_rng(1)
+    keys = [f"n{i:08d}/img{i}.JPEG" for i in range(16)]
+    pictures = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    # Latent "orientations" that say which way they face: [i, 0] = i, [i, 1] = -i - 1.
+    means = np.stack([np.stack([np.full((4, 1, 1), i), np.full((4, 1, 1), -i - 1)]) for i in range(16)]).astype(np.float16)
+    table = latent_shard_table(keys, np.arange(16) % 10, means, np.ones_like(means),
+                               images=[encode_image(p, "PNG") for p in pictures])
+    batch = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+    meta = {"images": {"format": "png", "resolution": 8, "channels": 3}}
+    spec = records.DecodeSpec(format="latents", uri="mem://latents", root="", resolution=8, channels=4,
+                              random_flip=True, seed=3, epoch=1, latent_shape=(4, 1, 1),
+                              image_resolution=int(check_latent_images(meta, "mem://latents")["resolution"]))
+    out = records.latent_records(batch, spec)
+    flips = flip_mask(keys, 3, 1)
+    assert 0 < flips.sum() < 16  # both orientations occur
+    clean = out[CLEAN_IMAGE_FIELD]
+    assert clean.dtype == np.uint8 and clean.shape == (16, 3, 8, 8)
+    for i in range(16):
+        flipped = out["latent_mean"][i, 0, 0, 0] < 0
+        assert flipped == flips[i]
+        expected = pictures[i][:, ::-1] if flipped else pictures[i]
+        np.testing.assert_array_equal(clean[i], expected.transpose(2, 0, 1))
+    # Without random flips nothing is flipped; without the spec asking, no image is decoded.
+    plain = records.latent_records(batch, records.DecodeSpec(**{**spec.to_dict(), "random_flip": False}))
+    np.testing.assert_array_equal(plain[CLEAN_IMAGE_FIELD], pictures.transpose(0, 3, 1, 2))
+    assert CLEAN_IMAGE_FIELD not in records.latent_records(batch, records.DecodeSpec(**{**spec.to_dict(),
+                                                                                        "image_resolution": 0}))
+    # Latents encoded without images are refused with the fix.
+    with pytest.raises(ValueError, match="prepare.keep_images=true"):
+        check_latent_images({"images": None}, "s3://b/latents")
+    no_images = {k: v for k, v in batch.items() if k != "image"}
+    with pytest.raises(LatentShapeError, match="prepare.keep_images=true"):
+        records.latent_records(no_images, spec)
+    with pytest.raises(LatentShapeError, match="img0.JPEG.*8x8"):
+        records.latent_records(batch, records.DecodeSpec(**{**spec.to_dict(), "image_resolution": 16}))

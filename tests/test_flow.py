@@ -354,3 +354,26 @@ def test_a_checkpoint_of_other_blocks_does_not_resume():
     modern = load_config(None, ["model.name=DiT-N/2", "model.norm=rmsnorm"])
     with pytest.raises(CheckpointError, match="model.norm='layernorm', but this config gives model.norm='rmsnorm'"):
         check_compatible(state, modern, "checkpoint_0000010")
+
+
+def test_flow_models_are_measured_on_the_ddpm_noise_levels():
+    """benchmarks.timestep_mse compares both objectives by eps-MSE at the DDPM steps' log-SNR: a flow
+    model predicting the exact velocity gives back the exact eps."""
+    from benchmarks.timestep_mse import flow_eps
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 1, 4, 4, generator=g), torch.randn(5, 1, 4, 4, generator=g)
+    steps = torch.tensor([0, 100, 500, 900, 999])
+    abar = torch.as_tensor(np.cumprod(1 - BETAS), dtype=torch.float64)
+    x_ddpm = (abar[steps].sqrt().view(-1, 1, 1, 1) * x0 + (1 - abar[steps]).sqrt().view(-1, 1, 1, 1) * eps).float()
+    seen = {}
+
+    def exact(x_t, t, y):
+        seen["t"] = t
+        expected = ((1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * eps)
+        torch.testing.assert_close(x_t, expected, atol=1e-5, rtol=1e-5)  # the same point on the flow path
+        return eps - x0
+
+    torch.testing.assert_close(flow_eps(exact, x_ddpm, steps, torch.zeros(5, dtype=torch.long), abar), eps,
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(seen["t"].numpy(), flow_time_of_log_snr(LOG_SNR[steps.numpy()]), rtol=1e-5)

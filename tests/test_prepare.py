@@ -195,3 +195,103 @@ def test_encode_fetch_reads_parquet_rows_across_row_groups(tmp_path):
     for position, row in enumerate((4, 5, 9)):
         np.testing.assert_array_equal(out["image"][position], load_and_crop(encode_image(pictures[row], "PNG"), 8, 3))
     assert out["label"].tolist() == [4, 5, 9, 1] and out["shard"].tolist() == [0, 0, 0, 0]
+
+
+def test_encode_keeps_clean_images_beside_the_latents_when_asked(tmp_path):
+    """prepare.keep_images=true: the encode stages (run here without Ray) store the clean center
+    crop, unflipped, at prepare.image_resolution; the reader flips it exactly with the latent."""
+    from PIL import Image
+
+    from speed.data import records
+    from speed.data.latents import CLEAN_IMAGE_FIELD, LATENT_IMAGE_COLUMN
+    from speed.data.transforms import decode_image
+
+    source = tmp_path / "source"
+    prepare.write_digits(str(source), format="imagefolder", image_size=40, channels=3, indices=range(6))
+    vae_folder = _tiny_vae_folder(tmp_path / "tiny-vae")
+    cfg = load_config("configs/prepare/encode_imagenet.yaml", [
+        f"prepare.source_uri={source}", "prepare.resolution=32", "prepare.keep_images=true",
+        "prepare.image_resolution=16", f"vae.path={vae_folder}"])
+    images = prepare._stored_images(cfg.prepare)
+    assert images == {"format": "png", "resolution": 16, "channels": 3, "orientation": "original"}
+    assert prepare._stored_images(load_config("configs/prepare/encode_imagenet.yaml", []).prepare) is None
+    with pytest.raises(prepare.ConfigError, match="prepare.image_resolution=64"):
+        prepare._stored_images(load_config("configs/prepare/encode_imagenet.yaml", [
+            "prepare.resolution=32", "prepare.keep_images=true", "prepare.image_resolution=64"]).prepare)
+
+    catalog = scan_dataset(prepare._source_data_config(cfg), cfg.storage)
+    items = prepare._source_items(catalog)
+    chosen = [(*items[i], i, 0) for i in range(6)]
+    spec = {"uri": str(source), "format": "imagefolder", "storage": cfg.storage, "resolution": 32, "on_error": "skip",
+            "image_column": "image", "keep_images": images}
+    fetched = prepare._fetch_and_crop({"items": np.array([json.dumps(chosen)], dtype=object)}, spec=spec)
+    encoded = prepare.VAEEncoder(str(vae_folder), cfg.storage, "fp32", 0.18215, use_gpu=False)(fetched)
+    out = tmp_path / "latents"
+    out.mkdir()
+    assert prepare._write_shard(str(out), 0, 1, [encoded], cfg.storage) == 6
+    table = pq.read_table(out / shard_name(0, 1))
+    assert LATENT_IMAGE_COLUMN in table.column_names
+    for crop, blob in zip(fetched["image"], table.column(LATENT_IMAGE_COLUMN).to_pylist()):
+        expected = np.asarray(Image.fromarray(crop).resize((16, 16), resample=Image.BICUBIC))
+        np.testing.assert_array_equal(decode_image(blob, 3), expected)  # PNG: lossless
+
+    # The reader: the flipped latent comes with the flipped image, the original with the original.
+    keys = table.column("key").to_pylist()
+    stored = np.stack([np.frombuffer(b, np.float16).reshape(2, 4, 4, 4) for b in table.column("latent_mean").to_pylist()])
+    batch = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
+    seed, epoch = next((s, e) for s in range(50) for e in range(3) if 0 < flip_mask(keys, s, e).sum() < 6)
+    read_spec = records.DecodeSpec(format="latents", uri=str(out), root=str(out), resolution=32, channels=4,
+                                   random_flip=True, seed=seed, epoch=epoch, latent_shape=(4, 4, 4),
+                                   image_resolution=16)
+    rows = records.latent_records(batch, read_spec)
+    for i, (flipped, blob) in enumerate(zip(flip_mask(keys, seed, epoch), table.column(LATENT_IMAGE_COLUMN).to_pylist())):
+        np.testing.assert_array_equal(rows["latent_mean"][i], stored[i, int(flipped)])
+        picture = decode_image(blob, 3)
+        np.testing.assert_array_equal(rows[CLEAN_IMAGE_FIELD][i],
+                                      (picture[:, ::-1] if flipped else picture).transpose(2, 0, 1))
+
+    # A rerun with other image settings would mix shards with and without images: refused.
+    planned = {"format": "speed-latents", "version": 1, "latent_shape": [4, 4, 4], "resolution": 32,
+               "rows_per_shard": 1024, "num_shards": 1, "vae_dtype": "fp32", "vae": {"weights_sha256": "x"},
+               "source": {"fingerprint": "y"}, "images": images}
+    with pytest.raises(ValueError, match="prepare.keep_images"):
+        prepare._check_resume({**planned, "images": None}, planned, str(out))
+    prepare._check_resume(dict(planned), planned, str(out))
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # the VAE actor imports diffusers
+def test_encode_job_with_images_feeds_repa_rows_flipped_with_their_latent(ray_session, tmp_path, capsys):
+    """End to end: the encode job with prepare.keep_images=true, then the training pipeline with
+    REPA on, whose rows carry the stored image flipped exactly when the latent is the flipped one."""
+    from speed.data.latents import CLEAN_IMAGE_FIELD, LATENT_IMAGE_COLUMN
+    from speed.data.transforms import decode_image
+
+    vae = _tiny_vae_folder(tmp_path / "tiny-vae")
+    source, out = tmp_path / "source", tmp_path / "latents"
+    prepare.write_digits(str(source), format="imagefolder", image_size=40, channels=3, indices=range(12))
+    assert prepare.main(_encode_args(source, out, vae, "prepare.keep_images=true")) == 0
+    assert _last_json(capsys)["images"] == 12
+    meta = json.loads((out / LATENT_META_NAME).read_text())
+    assert meta["images"]["resolution"] == 32 and meta["images"]["format"] == "png"
+
+    stored, keys = {}, []  # latent bytes of either orientation -> (orientation, image)
+    for name in _shards(str(out)):
+        shard = pq.read_table(out / name)
+        keys += shard.column("key").to_pylist()
+        for blob, picture in zip(shard.column("latent_mean").to_pylist(), shard.column(LATENT_IMAGE_COLUMN).to_pylist()):
+            both = np.frombuffer(blob, np.float16).reshape(2, 4, 4, 4)
+            for orientation in (0, 1):
+                stored[both[orientation].tobytes()] = (orientation, decode_image(picture, 3))
+    repa = ["repa.encoder=vit_tiny_patch16_224", "repa.weights_uri=unused-by-the-data-plane"]
+    cfg = load_config("configs/digits/speed.yaml", ["data.format=latents", f"data.uri={out}", "data.resolution=32",
+                                                    "data.channels=4", "data.read_cpus=1", *repa])
+    seed = next(s for s in range(100) if 0 < flip_mask(keys, s, 0).sum() < len(keys))  # both orientations occur
+    rows = build_train_dataset(cfg, seed=seed, epoch=0).take_all()
+    orientations = set()
+    for row in rows:
+        orientation, picture = stored[np.asarray(row["latent_mean"]).tobytes()]
+        orientations.add(orientation)
+        expected = picture[:, ::-1] if orientation else picture
+        np.testing.assert_array_equal(row[CLEAN_IMAGE_FIELD], expected.transpose(2, 0, 1))
+    assert len(rows) == 12 and orientations == {0, 1}

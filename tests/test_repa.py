@@ -148,8 +148,9 @@ def test_config_checks_name_the_keys(encoder_weights):
         load_config(None, [f"repa.encoder={ENCODER}"])
     with pytest.raises(ConfigError, match="repa.block=9"):
         load_config(None, [*overrides(path), "repa.block=9"])
-    with pytest.raises(ConfigError, match="data.format=latents"):
-        load_config(None, [*overrides(path), "data.format=latents", "data.uri=somewhere", "data.resolution=64"])
+    # REPA on latents is a config that loads; whether the latents carry images is the data's check.
+    assert load_config(None, [*overrides(path), "data.format=latents", "data.uri=somewhere", "data.resolution=64",
+                              "data.channels=4"]).repa.encoder == ENCODER
     cfg = load_config(None, overrides(path))  # the digits model: encoder and weights alone suffice
     assert cfg.repa.weight == 0.5 and cfg.repa.block is None
 
@@ -266,3 +267,78 @@ def test_routing_and_repa_work_under_the_flow_objective(encoder_weights, tmp_pat
         trainer.train_step(step, x, y)
     values = trainer.metrics.read(DistEnv())
     assert math.isfinite(values["loss"]) and math.isfinite(values["repa_loss"])
+
+
+LATENT_DATA = ["data.format=latents", "data.uri=unused-by-these-tests", "data.resolution=64", "data.channels=4"]
+
+
+def _latent_batch():
+    """8 latents [4, 8, 8] (DiT-N/2 sees a 4x4 token grid) and their clean 64 px images, uint8."""
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(8, 4, 8, 8, generator=g)
+    clean = torch.randint(0, 256, (8, 3, 64, 64), generator=g, dtype=torch.uint8)
+    return latents, torch.arange(8) % 10, clean
+
+
+def test_repa_on_latents_trains_on_the_clean_images_and_logs_repa_loss(encoder_weights, tmp_path):
+    path, _ = encoder_weights
+    latents, y, clean = _latent_batch()
+    cfg = _train_cfg(tmp_path, path, "train.steps=3", *LATENT_DATA)
+    result = loop.train(cfg, DistEnv(), FixedSource(latents, y, clean), LocalReporter(RunLayout.for_run(cfg.run)),
+                        progress=False)
+    logged = [r for r in result.history if "loss" in r]
+    assert len(logged) == 3 and all(math.isfinite(r["repa_loss"]) for r in logged)
+
+    # The encoder saw the clean images (uint8 or [-1, 1] alike), never the latents.
+    trainer = loop.build_trainer(cfg, DistEnv())
+    aligner = trainer.extras.aligner
+    seen = []
+    aligner.encoder.patch_embed.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    trainer.train_step(0, latents, y, clean)
+    assert seen[0].shape == (4, 3, 32, 32)  # one micro-batch of 4, resized to the encoder's 32 px
+    torch.testing.assert_close(seen[0], aligner.encoder_input(clean[:4]))
+    torch.testing.assert_close(aligner.target(clean), aligner.target(clean.float() / 127.5 - 1), atol=1e-5, rtol=1e-5)
+
+    # Missing images are refused with the fix, not silently encoded from the latent.
+    with pytest.raises(ValueError, match="prepare.keep_images=true"):
+        trainer.train_step(1, latents, y)
+
+
+def test_repa_on_latents_slices_clean_images_like_the_latents(encoder_weights, tmp_path):
+    """Accumulation over micro-batches of 4 equals one micro-batch of 8: each micro-batch's clean
+    images are the rows of its latents."""
+    path, _ = encoder_weights
+    latents, y, clean = _latent_batch()
+    results = []
+    for micro in (4, 8):
+        trainer = loop.build_trainer(_train_cfg(tmp_path, path, f"train.micro_batch_size={micro}", *LATENT_DATA),
+                                     DistEnv())
+        trainer.train_step(0, latents, y, clean)
+        values = trainer.metrics.read(DistEnv())
+        results.append((values, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}))
+    (a, params_a), (b, params_b) = results
+    assert abs(a["repa_loss"] - b["repa_loss"]) < 1e-6 and abs(a["loss"] - b["loss"]) < 1e-6
+    for key, value in params_a.items():
+        torch.testing.assert_close(params_b[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_latents_without_images_are_refused_naming_the_key(encoder_weights, tmp_path):
+    """The training job's preflight reads _meta.json: latents encoded without prepare.keep_images
+    cannot feed REPA."""
+    import json
+
+    from ray_jobs.data import preflight_data
+    from speed.data.latents import LATENT_META_NAME, latent_shard_table, shard_name, table_to_parquet_bytes
+
+    path, _ = encoder_weights
+    out = tmp_path / "latents"
+    out.mkdir()
+    means = torch.zeros(2, 2, 4, 8, 8).numpy().astype("float16")
+    (out / shard_name(0, 1)).write_bytes(table_to_parquet_bytes(latent_shard_table(["a", "b"], [0, 1], means, means)))
+    meta = {"format": "speed-latents", "version": 1, "latent_shape": [4, 8, 8], "resolution": 64, "num_shards": 1,
+            "complete": True, "max_label": 1, "num_classes_found": 2, "class_index": {}}
+    (out / LATENT_META_NAME).write_text(json.dumps(meta))
+    data = ["data.format=latents", f"data.uri={out}", "data.resolution=64", "data.channels=4", "data.catalog=disabled"]
+    assert preflight_data(load_config(None, data))["images"] == 2  # without REPA: fine
+    with pytest.raises(ValueError, match="re-encode with prepare.keep_images=true"):
+        preflight_data(load_config(None, [*data, *overrides(path)]))

@@ -477,6 +477,15 @@ class PrepareConfig:
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
     rows_per_shard: int = positive(1024)  # encode: images per latent shard; convert: per Parquet / tar shard
+    # encode: also store each image's clean center crop (unflipped) beside its latents, which REPA
+    # on data.format=latents needs (its encoder sees the image, never the latent); see
+    # docs/accelerators.md for the storage cost
+    keep_images: bool = False
+    # encode, keep_images: side of the stored image in pixels (at most prepare.resolution); None:
+    # prepare.resolution
+    image_resolution: Optional[int] = positive(None)
+    # encode, keep_images: png (lossless) or jpeg (quality 95, a few times smaller)
+    image_format: str = choice("png", "jpeg")
 
 
 @dataclass

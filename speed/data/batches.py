@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from speed.data.latents import blobs_to_array
-from speed.data.transforms import flip_mask, load_and_crop, to_model_array
+from speed.data.latents import CLEAN_IMAGE_FIELD, LatentShapeError, blobs_to_array
+from speed.data.transforms import decode_image, flip_mask, load_and_crop, to_model_array
 
 
 class BadInputError(ValueError):
@@ -115,9 +115,14 @@ def decode_latent_batch(
     seed: int,
     epoch: int,
     num_classes: Optional[int] = None,
+    image_blobs: Optional[Sequence[Optional[bytes]]] = None,
+    image_resolution: int = 0,
 ) -> Dict[str, np.ndarray]:
     """Shard rows -> {"latent_mean", "latent_std": float16 [n, C, h, w], "label": int64 [n]}, one
-    orientation per row (flipped where the (seed, epoch, key) coin says so and random_flip is on)."""
+    orientation per row (flipped where the (seed, epoch, key) coin says so and random_flip is on).
+
+    ``image_blobs`` (the shard's clean images, unflipped, ``image_resolution`` px): also
+    ``clean_image`` uint8 [n, 3, r, r], flipped exactly where the flipped latent is picked."""
     shape = (2, *[int(v) for v in latent_shape])
     means = blobs_to_array(mean_blobs, shape, keys)
     stds = blobs_to_array(std_blobs, shape, keys)
@@ -125,8 +130,31 @@ def decode_latent_batch(
     check_labels(label_array, num_classes, keys)
     pick = flip_mask(keys, seed, epoch, enabled=random_flip).astype(np.int64)
     rows = np.arange(len(keys))
-    return {
+    out = {
         "latent_mean": np.ascontiguousarray(means[rows, pick]),
         "latent_std": np.ascontiguousarray(stds[rows, pick]),
         "label": label_array,
     }
+    if image_blobs is not None:
+        out[CLEAN_IMAGE_FIELD] = decode_clean_images(image_blobs, pick.astype(bool), image_resolution, keys)
+    return out
+
+
+def decode_clean_images(blobs: Sequence[Optional[bytes]], flips: np.ndarray, resolution: int,
+                        keys: Sequence[str]) -> np.ndarray:
+    """Stored clean images (PNG/JPEG bytes) -> uint8 [n, 3, r, r], mirrored where ``flips``."""
+    out = np.empty((len(blobs), 3, resolution, resolution), dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        try:
+            pixels = decode_image(bytes(blob), 3) if blob else None
+        except Exception as exc:  # PIL raises many types for corrupt data
+            raise LatentShapeError(f"latent row '{keys[i]}' holds an unreadable image ({type(exc).__name__}: {exc}); "
+                                   "the shard is corrupt: delete it and rerun the encode job") from None
+        if pixels is None or pixels.shape != (resolution, resolution, 3):
+            found = "no image" if pixels is None else f"a {pixels.shape[1]}x{pixels.shape[0]} image"
+            raise LatentShapeError(
+                f"latent row '{keys[i]}' holds {found}, not the {resolution}x{resolution} RGB image its _meta.json "
+                "promises; the shard is corrupt or from another encode: delete it and rerun the encode job"
+            )
+        out[i] = (pixels[:, ::-1] if flips[i] else pixels).transpose(2, 0, 1)
+    return out

@@ -28,6 +28,7 @@ from speed import storage
 from speed.config.schema import DataConfig, StorageConfig
 from speed.data.latents import (
     LATENT_COLUMNS,
+    LATENT_IMAGE_COLUMN,
     LATENT_META_NAME,
     check_latent_meta,
     expected_shard_names,
@@ -493,7 +494,8 @@ def scan_latents(data: DataConfig, storage_cfg: Optional[StorageConfig] = None, 
         with fs.open_input_file(posixpath.join(root, relative)) as handle:
             parquet = pq.ParquetFile(handle)
             names = parquet.schema_arrow.names
-            lacking = [column for column in LATENT_COLUMNS if column not in names]
+            wanted = (*LATENT_COLUMNS, LATENT_IMAGE_COLUMN) if meta.get("images") else LATENT_COLUMNS
+            lacking = [column for column in wanted if column not in names]
             if lacking:
                 raise DataFormatError(
                     f"latent shard '{uri}' lacks column(s) {', '.join(lacking)}; it was not written by the encode "

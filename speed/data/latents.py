@@ -9,11 +9,16 @@ Layout under ``prepare.output_uri`` (written by ``python -m ray_jobs.prepare`` w
       label        int64
       latent_mean  binary   float16 [2, C, h, w]: posterior mean of [image, flipped image]
       latent_std   binary   float16 [2, C, h, w]: posterior std, same order
+      image        binary   only with ``prepare.keep_images=true``: the clean center crop (PNG or
+                            JPEG bytes, ``_meta.json`` "images": {format, resolution, channels}),
+                            unflipped; a reader that picks the flipped latent flips it too
 
 Training rows (``ray_jobs.data.build_train_dataset``) carry one orientation, already chosen
 (deterministically per seed, epoch and key when ``data.random_flip``): ``latent_mean`` and
 ``latent_std`` float16 [C, h, w] plus ``label``. The trainer draws a fresh posterior sample each
 time it sees an image, ``x0 = (mean + std * eps) * data.latent_scale``, with ``sample_latents``.
+When REPA is on, the rows also carry ``clean_image`` uint8 [3, r, r], flipped exactly when the
+latent is the flipped one (``check_latent_images`` refuses latents encoded without images).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ LATENT_META_NAME = "_meta.json"
 LATENT_FORMAT = "speed-latents"
 LATENT_FORMAT_VERSION = 1
 LATENT_COLUMNS = ("key", "label", "latent_mean", "latent_std")
+LATENT_IMAGE_COLUMN = "image"  # optional: the clean image (prepare.keep_images)
+CLEAN_IMAGE_FIELD = "clean_image"  # training rows: uint8 [3, r, r], oriented like the latent
+IMAGE_FORMATS = ("png", "jpeg")
 ORIENTATIONS = ("original", "hflip")
 VAE_DOWNSAMPLE = 8
 
@@ -73,20 +81,41 @@ def check_latent_meta(meta: Dict[str, Any], uri: str, *, resolution: Optional[in
     return shape  # type: ignore[return-value]
 
 
-def latent_shard_table(keys: Sequence[str], labels: np.ndarray, means: np.ndarray, stds: np.ndarray) -> pa.Table:
-    """Rows of one shard. ``means``/``stds``: float16 [N, 2, C, h, w] (original, flipped)."""
+def latent_shard_table(keys: Sequence[str], labels: np.ndarray, means: np.ndarray, stds: np.ndarray,
+                       images: Optional[Sequence[bytes]] = None) -> pa.Table:
+    """Rows of one shard. ``means``/``stds``: float16 [N, 2, C, h, w] (original, flipped);
+    ``images``: the encoded clean (unflipped) image of each row, or None for no image column."""
     means = np.ascontiguousarray(means, dtype=np.float16)
     stds = np.ascontiguousarray(stds, dtype=np.float16)
     if means.shape != stds.shape or means.ndim != 5 or means.shape[1] != len(ORIENTATIONS):
         raise ValueError(f"latent arrays must be [N, 2, C, h, w]; got mean {means.shape}, std {stds.shape}")
-    return pa.table(
-        {
-            "key": pa.array(list(keys), type=pa.string()),
-            "label": pa.array(np.asarray(labels, dtype=np.int64)),
-            "latent_mean": pa.array([row.tobytes() for row in means], type=pa.binary()),
-            "latent_std": pa.array([row.tobytes() for row in stds], type=pa.binary()),
-        }
-    )
+    columns = {
+        "key": pa.array(list(keys), type=pa.string()),
+        "label": pa.array(np.asarray(labels, dtype=np.int64)),
+        "latent_mean": pa.array([row.tobytes() for row in means], type=pa.binary()),
+        "latent_std": pa.array([row.tobytes() for row in stds], type=pa.binary()),
+    }
+    if images is not None:
+        if len(images) != len(means):
+            raise ValueError(f"{len(images)} images for {len(means)} latent rows")
+        columns[LATENT_IMAGE_COLUMN] = pa.array([bytes(blob) for blob in images], type=pa.binary())
+    return pa.table(columns)
+
+
+def check_latent_images(meta: Optional[Dict[str, Any]], uri: str) -> Dict[str, Any]:
+    """The clean images' description in _meta.json ({format, resolution, channels}); a ValueError
+    naming the fix when the latents were encoded without them (REPA on latents needs them)."""
+    images = (meta or {}).get("images")
+    if not images:
+        raise ValueError(
+            f"repa.encoder is set, but the latents under data.uri '{uri}' carry no clean images, and REPA's encoder "
+            "must see the image, never the latent; re-encode with prepare.keep_images=true (python -m "
+            "ray_jobs.prepare -c configs/prepare/encode_imagenet.yaml prepare.keep_images=true), or unset repa.encoder"
+        )
+    if images.get("format") not in IMAGE_FORMATS or int(images.get("resolution", 0)) <= 0:
+        raise ValueError(f"data.uri: '{uri}' has an unreadable \"images\" entry in {LATENT_META_NAME} ({images!r}); "
+                         "re-encode with prepare.keep_images=true")
+    return images
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:

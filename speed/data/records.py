@@ -15,7 +15,8 @@ counts; under ``on_error="raise"`` the first bad record stops with ``BadInputErr
   posterior sample with ``speed.data.latents.sample_latents``).
 
 Rows out: ``image`` float32 [C, R, R] in [-1, 1] and ``label`` int64 (pixels); ``latent_mean`` /
-``latent_std`` float16 [C, h, w] and ``label`` (latents).
+``latent_std`` float16 [C, h, w] and ``label`` (latents), plus ``clean_image`` uint8 [3, r, r]
+oriented like the latent when the spec asks for the clean images (REPA on latents).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import pyarrow as pa
 
 from speed.data.batches import BadInput, decode_image_batch, decode_latent_batch, reject
 from speed.data.catalog import image_bytes_column
+from speed.data.latents import LATENT_IMAGE_COLUMN, LatentShapeError, check_latent_images
 
 FETCH_THREADS = 16  # parallel object reads per decode task: object stores reward concurrency
 
@@ -53,21 +55,30 @@ class DecodeSpec:
     image_column: str = "image"
     label_column: str = "label"
     latent_shape: Tuple[int, ...] = ()
+    image_resolution: int = 0  # latents: side of the stored clean images to decode (0: none)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
-def decode_spec(data, catalog, *, num_classes: Optional[int], seed: int, epoch: int) -> DecodeSpec:
-    """The spec of one epoch of ``data`` (a DataConfig) over ``catalog`` (a DatasetCatalog)."""
+def decode_spec(data, catalog, *, num_classes: Optional[int], seed: int, epoch: int,
+                clean_images: bool = False) -> DecodeSpec:
+    """The spec of one epoch of ``data`` (a DataConfig) over ``catalog`` (a DatasetCatalog).
+
+    ``clean_images``: latents also yield the clean image of each row (REPA; refused with the fix
+    when the latents were encoded without images)."""
     if catalog.format != "latents" and data.channels not in (1, 3):
         raise ValueError(f"data.channels={data.channels} is not valid for {catalog.format} images; use 1 or 3")
     latent_shape = tuple(int(v) for v in (catalog.latent_meta or {}).get("latent_shape", ()))
+    image_resolution = 0
+    if clean_images and catalog.format == "latents":
+        image_resolution = int(check_latent_images(catalog.latent_meta, catalog.uri)["resolution"])
     return DecodeSpec(
         format=catalog.format, uri=catalog.uri, root=catalog.root, resolution=int(data.resolution),
         channels=int(data.channels), random_flip=bool(data.random_flip), seed=int(seed), epoch=int(epoch),
         on_error=data.on_error, decode=data.decode, num_classes=num_classes, class_to_label=dict(catalog.class_to_label),
         image_column=data.image_column, label_column=data.label_column, latent_shape=latent_shape,
+        image_resolution=image_resolution,
     )
 
 
@@ -203,9 +214,16 @@ def webdataset_records(batch, spec: DecodeSpec) -> Tuple[Dict[str, np.ndarray], 
 
 
 def latent_records(batch: Dict[str, np.ndarray], spec: DecodeSpec) -> Dict[str, np.ndarray]:
-    """Latent shard rows -> one orientation per row (seeded by (seed, epoch, key))."""
+    """Latent shard rows -> one orientation per row (seeded by (seed, epoch, key)), with the clean
+    image oriented like its latent when ``spec.image_resolution`` is set."""
+    images = None
+    if spec.image_resolution:
+        if LATENT_IMAGE_COLUMN not in batch:
+            raise LatentShapeError(f"the latent shards under '{spec.uri}' have no '{LATENT_IMAGE_COLUMN}' column; "
+                                   "re-encode with prepare.keep_images=true")
+        images = list(batch[LATENT_IMAGE_COLUMN])
     return decode_latent_batch(
         [str(k) for k in batch["key"]], batch["label"], list(batch["latent_mean"]), list(batch["latent_std"]),
         latent_shape=list(spec.latent_shape), random_flip=spec.random_flip, seed=spec.seed, epoch=spec.epoch,
-        num_classes=spec.num_classes,
+        num_classes=spec.num_classes, image_blobs=images, image_resolution=spec.image_resolution,
     )

@@ -240,12 +240,8 @@ def check_training_options(model: ModelConfig, repa: RepaConfig, data: DataConfi
                 f"repa.encoder={repa.encoder!r} needs repa.weights_uri (safetensors or a weights-only torch file of the "
                 "encoder's state dict); nothing is downloaded"
             )
-        if data.format == "latents":
-            raise ConfigError(
-                "repa.encoder is set but data.format=latents: the encoder must see the clean image, and latent "
-                "records do not carry it yet (see docs/accelerators.md, 'REPA on latents'); train REPA on a "
-                "pixel format (digits, imagefolder, parquet) or unset repa.encoder"
-            )
+        # On latents the records must carry the clean images (prepare.keep_images=true): that is a
+        # property of the data, checked when it is read (speed.data.latents.check_latent_images).
         block = repa_block(repa, depth)
         if not 1 <= block <= depth:
             raise ConfigError(

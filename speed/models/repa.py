@@ -7,8 +7,9 @@ frozen pretrained encoder that sees the clean image.
              with ``weights_only=True`` (pickles that would run code are refused). The file may
              hold the whole timm state dict (a classifier head is ignored); missing keys are
              refused by name. Frozen and in eval mode; never in the optimizer, never sharded.
-  input      the clean image in [-1, 1] -> [0, 1], gray repeated to the encoder's channels,
-             resized to its resolution, normalised with its mean and std
+  input      the clean image in [-1, 1] (or uint8, as latent records carry it) -> [0, 1], gray
+             repeated to the encoder's channels, resized to its resolution, normalised with its
+             mean and std
   target     the encoder's patch tokens (prefix tokens dropped), resized to the DiT token grid
              when the grids differ (area average when shrinking, bilinear when growing)
   projector  Linear -> SiLU -> Linear -> SiLU -> Linear (REPA's), hidden size -> encoder width
@@ -157,8 +158,9 @@ class RepaAligner:
         return self
 
     def encoder_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Clean images [N, C, H, W] in [-1, 1] -> the encoder's input [N, 3, R, R], normalised."""
-        x = (images.float() + 1) / 2
+        """Clean images [N, C, H, W] in [-1, 1] (or uint8 in [0, 255]) -> the encoder's input
+        [N, 3, R, R], normalised."""
+        x = images.float() / 255 if images.dtype == torch.uint8 else (images.float() + 1) / 2
         if x.shape[1] == 1 and self.in_chans != 1:
             x = x.expand(-1, self.in_chans, -1, -1)  # gray -> RGB
         if x.shape[-2:] != (self.resolution, self.resolution):

@@ -4,7 +4,8 @@ alignment (``repa``). Both are off by default, and then nothing here touches a s
   routing  the kept tokens of the whole global batch are drawn from stream ``routing`` keyed by
            the step, and each micro-batch takes its rows by global sample index (like the noise),
            so the result does not depend on the world size and resumes are exact.
-  repa     the frozen encoder runs on the clean images of the micro-batch; the projector is
+  repa     the frozen encoder runs on the clean images of the micro-batch (on latents: the
+           clean images the records carry beside the latents, ``clean``); the projector is
            trained with its own optimizer (same settings and schedule as the DiT's) and wrapped on
            its own (FSDP2 root or DDP); the encoder is never wrapped, sharded or optimised, and
            is not checkpointed (it is rebuilt from ``repa.weights_uri``).
@@ -55,6 +56,7 @@ class Accelerators:
         shape = model_shape(description)
         grid = (shape["grid"], shape["grid"])
         self.env = env
+        self.latent = description.is_latent  # the encoder then needs the clean images beside x
         self.strategy_name = effective_strategy(parallel, env)
         self.router: Optional[TokenRouter] = None
         if routing is not None and routing.fraction > 0:
@@ -70,8 +72,11 @@ class Accelerators:
             self.optimizer = build_optimizer(self.aligner.projector.parameters(), optim, env.device.type)
             meta_aligner = RepaAligner.build(repa, hidden_size=shape["hidden_size"], block=block, token_grid=grid,
                                              load_weights=False, device="meta")
+        # On latents the encoder's input is the clean RGB image (resized to its resolution anyway).
+        image_shape = (3, description.resolution, description.resolution) if self.latent else None
         self.train_flops_per_image = train_flops_per_image(description, batch_size=micro_batch_size,
-                                                           router=self.router, aligner=meta_aligner)
+                                                           router=self.router, aligner=meta_aligner,
+                                                           image_shape=image_shape)
 
     # -- a step ---------------------------------------------------------------------------------
 
@@ -89,13 +94,23 @@ class Accelerators:
         return {} if keep is None else {"route": self.router.route(keep[rows])}
 
     def training_losses(self, diffusion, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
-                        model_kwargs: Dict[str, Any], **options: Any) -> Dict[str, torch.Tensor]:
+                        model_kwargs: Dict[str, Any], clean: Optional[torch.Tensor] = None,
+                        **options: Any) -> Dict[str, torch.Tensor]:
         """The diffusion's per-sample losses, plus ``repa_loss`` [n] when aligning (not yet in
         ``loss``: ``add_alignment`` adds it once the timestep strategy has weighted the loss, so
-        neither the weighting nor loss-aware sampling sees it)."""
+        neither the weighting nor loss-aware sampling sees it).
+
+        ``clean``: the micro-batch's clean images when ``x`` holds latents (uint8 or [-1, 1]
+        floats, oriented like their latents); on pixels the encoder sees ``x`` itself."""
         if self.aligner is None:
             return diffusion.training_losses(model, x, t, model_kwargs=model_kwargs, **options)
-        target = self.aligner.target(x)  # x: the clean images of this micro-batch
+        if clean is None and self.latent:
+            raise ValueError(
+                "repa.encoder is set and data.format=latents, but the batch carries no clean images for the "
+                "encoder (it must see the image, never the latent); re-encode the latents with "
+                "prepare.keep_images=true, and have the batch source yield (latents, labels, clean images)"
+            )
+        target = self.aligner.target(x if clean is None else clean)
         captured: Dict[str, Any] = {}
 
         def forward(x_t: torch.Tensor, timesteps: torch.Tensor, **kwargs: Any) -> torch.Tensor:

@@ -51,9 +51,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 class BatchSource(Protocol):
-    """Yields this rank's share of global batch ``step``: (x [count, C, H, W], y [count])."""
+    """Yields this rank's share of global batch ``step``: (x [count, C, H, W], y [count]), or
+    (x, y, clean [count, 3, r, r]) when latents travel with their clean images (REPA)."""
 
-    def batch(self, step: int, offset: int, count: int) -> Tuple[torch.Tensor, torch.Tensor]: ...
+    def batch(self, step: int, offset: int, count: int) -> Tuple[torch.Tensor, ...]: ...
 
 
 @dataclass
@@ -138,8 +139,8 @@ def train(
     failed = False
     try:
         while step < total:
-            x, y = timer.fetch(source, step, trainer.offset, trainer.count)
-            trainer.train_step(step, x, y)
+            batch = timer.fetch(source, step, trainer.offset, trainer.count)
+            trainer.train_step(step, *batch)  # (x, y) or (x, y, clean)
             timer.stepped()
             step += 1
             images_seen += trainer.global_batch

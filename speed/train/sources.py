@@ -35,13 +35,17 @@ class IndexedSource:
 
 
 class FixedSource:
-    """The same tensors every step (tests of the update itself)."""
+    """The same tensors every step (tests of the update itself). ``clean``: the clean images
+    beside latent ``images`` (REPA on latents), then yielded as a third tensor."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, clean: Optional[torch.Tensor] = None):
+        self.images, self.labels, self.clean = images, labels, clean
 
-    def batch(self, step: int, offset: int, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.images[offset : offset + count], self.labels[offset : offset + count]
+    def batch(self, step: int, offset: int, count: int) -> Tuple[torch.Tensor, ...]:
+        rows = slice(offset, offset + count)
+        if self.clean is None:
+            return self.images[rows], self.labels[rows]
+        return self.images[rows], self.labels[rows], self.clean[rows]
 
 
 class LocalReporter:

@@ -178,8 +178,11 @@ class Trainer(Stateful):
             return self.model.no_sync()
         return nullcontext()
 
-    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor, clean: Optional[torch.Tensor] = None) -> None:
         """One optimizer step on this rank's share (x [count, C, H, W], y [count]) of batch ``step``.
+
+        ``clean`` [count, 3, r, r]: the clean images beside latent ``x`` (uint8, or floats in
+        [-1, 1]), which REPA's encoder sees on the latent path; unused otherwise.
 
         The loss is normalised by the global batch (times the world size, since FSDP/DDP average
         gradients over ranks), so uneven shares and any accumulation give the same update.
@@ -191,6 +194,8 @@ class Trainer(Stateful):
                           self.class_dropout_prob, self.env.device)
         x = x.to(self.env.device, non_blocking=True)
         y = y.to(self.env.device, non_blocking=True)
+        if clean is not None:
+            clean = clean.to(self.env.device, non_blocking=True)
         scale = self.env.world_size / self.global_batch
         local_t, local_losses = [], []
         for index, (start, size) in enumerate(micro_slices(self.offset, self.count, self.num_micro)):
@@ -205,6 +210,7 @@ class Trainer(Stateful):
                     draws.t[glob],
                     model_kwargs={"y": y[local], "drop_mask": draws.drop_mask[glob],
                                   **self.extras.model_kwargs(routes, glob)},
+                    clean=None if clean is None else clean[local],
                     noise=draws.noise[glob],
                     weights=draws.weights[glob],
                     **self.loss_options,
