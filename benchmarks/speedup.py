@@ -104,7 +104,7 @@ FULL = {
 }
 # The quick check: the plain baseline, SpeeD, a flow cell and the best combination the grid found.
 QUICK = {
-    "cells": ["ddpm-uniform-none", "ddpm-speed-none", "flow-uniform-none", "flow-speed-routing"],
+    "cells": ["ddpm-uniform-none", "ddpm-speed-none", "flow-uniform-none", "flow-laplace-none"],
     "seeds": [0, 1],
     "overrides": [
         "train.steps=500",

@@ -68,11 +68,13 @@ def weights_key(cfg: Config) -> str:
 
 def run_sample(cfg: Config) -> Dict[str, Any]:
     from speed.sample import job_weights, read_description
+    from speed.sample.generate import sampling_diffusion
 
     key = weights_key(cfg)
     # Resolved once, on the driver (fail fast, before Ray starts); the task loads exactly this.
     source = job_weights(cfg.sample.checkpoint_uri or cfg.inference.checkpoint_uri, cfg, key=key)
     description = read_description(source, cfg.storage, key=key)
+    sampling_diffusion(description, cfg.sampling)  # a sampler of the other objective fails here, before Ray
     checkpoint_uri = source.uri
     log.info("sampling a grid of %s (step %d) from %s", description.model.get("name"), description.step, checkpoint_uri)
     png_uri = cfg.sample.output_uri or default_png_uri(cfg)

@@ -58,7 +58,7 @@ def sampling_diffusion(description: ModelDescription, sampling_cfg: SamplingConf
     """The respaced diffusion that ``sampling.sampler`` / ``sampling.steps`` describe for this model
     (the flow path for a flow sampler); a sampler of the other objective is refused."""
     objective = getattr(description, "objective", "ddpm")
-    check_objective(objective, sampling_cfg.sampler, f"the objective this model was trained with ({objective})")
+    check_objective(objective, sampling_cfg.sampler, "the objective this model was trained with")
     try:
         return _cached_diffusion(
             int(description.num_timesteps),
