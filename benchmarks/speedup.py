@@ -85,6 +85,7 @@ from speed.experiments.compute import (  # noqa: E402
     cells_report,
     evaluation_points,
 )
+from speed.experiments.compute import fmt_number as _fmt  # noqa: E402
 from speed.experiments.fingerprint import check_run_fingerprint  # noqa: E402
 from speed.experiments.plots import plot_curves, plot_timesteps, strategy_arrays  # noqa: E402
 
@@ -381,14 +382,6 @@ def summarize(records: Sequence[TrialRecord], cfg: Config, cells: Sequence[Cell]
         ),
         "strategies": entries,
     }
-
-
-def _fmt(value: Any, none: str = "never") -> str:
-    if value is None:
-        return none
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
 
 
 def convergence_note(report: Dict[str, Any]) -> str:

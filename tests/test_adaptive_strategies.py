@@ -140,3 +140,11 @@ def test_progress_state_round_trips_exactly():
         build_timestep_strategy("progress", BETAS, fast=0.99, slow=0.9)
     with pytest.raises(ValueError, match="needs sampling 'progress'"):
         build_timestep_strategy("speed", BETAS, weighting="progress")
+
+
+def test_learned_weighting_drops_the_gradient_of_a_skipped_step():
+    strategy = build_timestep_strategy("speed", BETAS, weighting="learned", objective="flow")
+    t, _ = strategy.sample(8, torch.Generator().manual_seed(0))
+    strategy.transform_loss(torch.ones(8), t).sum().backward()
+    strategy.discard_gradients()  # what the trainer does for a step skipped as non-finite
+    assert strategy.weighter.log_scale.grad is None

@@ -20,6 +20,7 @@ holds their only defaults and allowed ranges; the strategy names are ``schema.TI
 T = len(betas), abar_t = prod_{s<=t} (1 - beta_s), SNR_t = abar_t / (1 - abar_t).
 """
 
+import abc
 import dataclasses
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -107,6 +108,9 @@ class TimestepStrategy:
 
     def after_backward(self, average: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Update trained weighting parameters from their gradient (``average`` all-reduces it)."""
+
+    def discard_gradients(self) -> None:
+        """Drop the gradient of a step that is skipped (``train.on_nonfinite=skip``)."""
 
     def state_dict(self) -> Dict[str, Any]:
         return {}
@@ -237,7 +241,7 @@ class MinSNRStrategy(TimestepStrategy):
         super().__init__(_uniform(num_timesteps), torch.from_numpy(weights))
 
 
-class ContinuousTimeStrategy(TimestepStrategy):
+class ContinuousTimeStrategy(TimestepStrategy, abc.ABC):
     """A strategy defined as a distribution over flow time t in (0, 1), weights 1.
 
     Subclasses give ``time_cdf`` (numpy, of t) and ``time_pdf`` / ``sample_time`` (torch). Under
@@ -250,14 +254,17 @@ class ContinuousTimeStrategy(TimestepStrategy):
         cells = NoiseCells(betas)
         super().__init__(cells.pmf_of_cdf(self.time_cdf), torch.ones(cells.num_timesteps))
 
+    @abc.abstractmethod
     def time_cdf(self, t: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Implemented by each continuous-time strategy."""
 
+    @abc.abstractmethod
     def time_pdf(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Implemented by each continuous-time strategy."""
 
+    @abc.abstractmethod
     def sample_time(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        raise NotImplementedError
+        """Implemented by each continuous-time strategy."""
 
 
 def _logit(t):
@@ -473,6 +480,9 @@ class LearnedWeightingStrategy(TimestepStrategy):
             self.log_scale -= (self.lr * m_hat / (v_hat.sqrt() + 1e-8)).to(self.log_scale.dtype)
         self.log_scale.grad = None
 
+    def discard_gradients(self) -> None:
+        self.log_scale.grad = None
+
     def current_weights(self) -> torch.Tensor:
         """The effective weight 1 / exp(u) of each DDPM step [T] (for plots and logs)."""
         steps = torch.arange(self.num_timesteps)
@@ -564,7 +574,6 @@ class ProgressStrategy(TimestepStrategy):
         total = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, bins, values)
         count = torch.zeros(self.bins, dtype=torch.long).index_add_(0, bins, torch.ones_like(bins))
         seen = count > 0
-        batch_mean = total[seen] / count[seen]
         first = seen & (self.counts == 0)
         self.fast_mean[first] = total[first] / count[first]
         self.slow_mean[first] = total[first] / count[first]
@@ -572,7 +581,6 @@ class ProgressStrategy(TimestepStrategy):
         mean_again = total[again] / count[again]
         self.fast_mean[again] = self.params.fast * self.fast_mean[again] + (1 - self.params.fast) * mean_again
         self.slow_mean[again] = self.params.slow * self.slow_mean[again] + (1 - self.params.slow) * mean_again
-        del batch_mean
         self.counts += count
         self._refresh()
 
@@ -610,6 +618,9 @@ class ComposedStrategy(TimestepStrategy):
 
     def after_backward(self, average: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.weighter.after_backward(average)
+
+    def discard_gradients(self) -> None:
+        self.weighter.discard_gradients()
 
     @property
     def pmf(self) -> torch.Tensor:
@@ -661,6 +672,9 @@ class FlowTimeStrategy:
 
     def after_backward(self, average: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.weighter.after_backward(average)
+
+    def discard_gradients(self) -> None:
+        self.weighter.discard_gradients()
 
     @property
     def pmf(self) -> torch.Tensor:

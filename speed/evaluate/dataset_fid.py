@@ -42,8 +42,9 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from speed import storage
 from speed.config.schema import DataConfig, StorageConfig
-from speed.evaluate.precision_recall import manifold_radii, precision_recall
-from speed.evaluate.stats import class_accuracy, feature_statistics, frechet_distance
+from speed.evaluate.digits import feature_metrics
+from speed.evaluate.precision_recall import manifold_radii
+from speed.evaluate.stats import feature_statistics
 
 log = logging.getLogger(__name__)
 
@@ -354,16 +355,7 @@ class DatasetEvaluator:
         else:
             ref_features, _ = self.embed(reference)
             ref_stats, ref_radii = feature_statistics(ref_features), None
-        stats = feature_statistics(features)
-        precision, recall = precision_recall(ref_features, features, k=PR_NEIGHBOURS, real_radii=ref_radii)
-        if isinstance(labels, torch.Tensor):
-            labels = labels.cpu().numpy()
-        return {
-            self.metric_name: frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma),
-            "precision": precision,
-            "recall": recall,
-            "class_accuracy": class_accuracy(logits, None if labels is None else np.asarray(labels)),
-        }
+        return feature_metrics(features, logits, labels, ref_features, ref_stats, ref_radii, self.metric_name)
 
 
 def _to_bytes(evaluator: DatasetEvaluator, identity: Dict[str, Any]) -> bytes:

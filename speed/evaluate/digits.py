@@ -235,12 +235,18 @@ def digits_metrics(images_uint8_or_float: ImagesLike, labels: Optional[Union[Seq
     else:
         ref_features, _ = classifier.embed(reference)
         ref_stats, ref_radii = feature_statistics(ref_features), None
+    return feature_metrics(features, logits, labels, ref_features, ref_stats, ref_radii, "digits_fid")
+
+
+def feature_metrics(features, logits, labels, ref_features, ref_stats, ref_radii, fid_name: str) -> Dict[str, float]:
+    """FID (named ``fid_name``), precision/recall and class accuracy of generated features against a
+    reference's features and statistics (shared by the digits and the per-dataset evaluators)."""
     stats = feature_statistics(features)
     precision, recall = precision_recall(ref_features, features, k=PR_NEIGHBOURS, real_radii=ref_radii)
     if isinstance(labels, torch.Tensor):
         labels = labels.cpu().numpy()
     return {
-        "digits_fid": frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma),
+        fid_name: frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma),
         "precision": precision,
         "recall": recall,
         "class_accuracy": class_accuracy(logits, None if labels is None else np.asarray(labels)),

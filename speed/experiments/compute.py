@@ -157,7 +157,8 @@ def cells_report(histories: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]
     return out
 
 
-def _fmt(value: Any, none: str = "never") -> str:
+def fmt_number(value: Any, none: str = "never") -> str:
+    """A table cell: 3 significant digits, ``none`` for a missing value."""
     if value is None:
         return none
     if isinstance(value, float):
@@ -169,7 +170,7 @@ def _fmt_speedup(entry: Optional[Mapping[str, Any]]) -> str:
     if entry is None:
         return "never"
     reached = "" if entry["seeds_reached"] == entry["seeds"] else f" ({entry['seeds_reached']}/{entry['seeds']} seeds)"
-    return f"{_fmt(entry['mean'], '?')} [{_fmt(entry['min'], '?')}, {_fmt(entry['max'])}]{reached}"
+    return f"{fmt_number(entry['mean'], '?')} [{fmt_number(entry['min'], '?')}, {fmt_number(entry['max'])}]{reached}"
 
 
 def cells_markdown(cells: Mapping[str, Mapping[str, Any]], metric: str) -> List[str]:
@@ -182,10 +183,10 @@ def cells_markdown(cells: Mapping[str, Mapping[str, Any]], metric: str) -> List[
     ]
     for name, cell in cells.items():
         final = cell["final_metric"]
-        final_text = f"{_fmt(final['mean'])} [{_fmt(final['min'])}, {_fmt(final['max'])}]" if final else "n/a"
+        final_text = f"{fmt_number(final['mean'])} [{fmt_number(final['min'])}, {fmt_number(final['max'])}]" if final else "n/a"
         flops = cell["train_flops_per_image"]
         values = " | ".join(_fmt_speedup(cell["speedup"][unit][key]) for unit in order for key in TARGETS)
-        lines.append(f"| {name} | {final_text} | {_fmt(flops / 1e9 if flops else None, 'n/a')} | {values} |")
+        lines.append(f"| {name} | {final_text} | {fmt_number(flops / 1e9 if flops else None, 'n/a')} | {values} |")
     return lines
 
 

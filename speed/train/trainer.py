@@ -240,6 +240,8 @@ class Trainer(Stateful):
             self.ema.update(self.model, step)
             if self.learns_weights:
                 self.timesteps.after_backward(self._average_over_workers)
+        elif self.learns_weights:
+            self.timesteps.discard_gradients()
         self.optimizer.zero_grad(set_to_none=True)
         self.extras.step(apply=not skipped)
         self.metrics.add_step(torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0) if skipped else grad_norm, skipped)
