@@ -1,26 +1,23 @@
-"""Convergence speed-up of each timestep strategy over uniform sampling (SpeeD's "x faster").
+"""Compute to quality: how much less training reaches the plain DiT recipe's quality.
 
-    python -m benchmarks.speedup [--quick] [--out DIR] [--strategies a,b] [--seeds 0,1,2] [key=value ...]
+    python -m benchmarks.speedup [--quick] [--out DIR] [--cells a,b | --objectives ... --strategies ...
+                                 --accelerators ...] [--seeds 0,1,2] [--config FILE] [key=value ...]
 
-Trains the same DiT on the same data with every strategy of the registry
-(``speed.diffusion.TIMESTEP_STRATEGIES``: uniform, speed, speed_v1, p2, min_snr, logit_normal,
-lognormal, loss_aware) for a fixed step budget, with the same seeds for every strategy (default
-0, 1, 2), evaluating the EMA model every ``train.eval_every`` steps with the dataset's own evaluator
-(``fid_<dataset>`` and class accuracy from a small classifier trained on the dataset being trained,
-against its held-out split: ``speed.evaluate.dataset_fid`` through the training loop's own periodic
-evaluation). Then, per strategy, with ``speed.experiments`` (the code the Tune ablations use):
-
-- the ``fid_<dataset>`` (and class-accuracy) curve, seed mean with its min-max band;
-- the steps needed to reach the uniform baseline's final FID, and the speed-up = baseline
-  steps / strategy steps, seed by seed against the uniform run of the same seed, summarised as
-  ``speedup`` (of the seed-mean curves) with ``speedup_min``/``speedup_max`` over seeds;
-  ``speedup`` is null where the target is never reached within the budget (see
-  ``speed.experiments.convergence`` for the exact definitions).
+Trains a grid of cells ``<objective>-<strategy>-<accelerator>`` (``speed.experiments.cells``:
+objective ddpm | flow, any registry strategy or ``a+b`` = sampling a with weighting b, accelerator
+none | routing | modern | routing+modern) with the same seeds for every cell, evaluating the EMA
+model every ``train.eval_every`` steps with the dataset's own evaluator (``fid_<dataset>`` and class
+accuracy from a small classifier trained on the dataset being trained, against its held-out split:
+``speed.evaluate.dataset_fid`` through the training loop's periodic evaluation). Each cell is
+measured against the plain DiT recipe (``ddpm-uniform-none``, always added) of the same seed, in
+training steps, training FLOPs and CPU-seconds of the training process, at the baseline's metric
+after 25%, 50% and 100% of its budget (``speed.experiments.compute``, the code the Tune grid uses),
+with the seed spread; the report says when the baseline's curve did not fall and flatten.
 
 How the trials run: in-process, one after the other, with ``speed.train.loop.train`` (no Ray):
 on a small machine that is simpler and faster than a Tune experiment (no actor start-up per
 trial), and the numbers are the same code path (Trainer, EMA, periodic evaluation). The same grid
-through Ray Tune is ``python -m ray_jobs.tune -c configs/ablations/digits_strategies.yaml``.
+through Ray Tune is ``python -m ray_jobs.tune -c configs/ablations/digits_grid.yaml``.
 Each run lives in ``<run.output_uri>/speedup[-quick]/<trial>`` with its checkpoints and the
 fingerprint of its resolved config (``speed.experiments.fingerprint``: data and a digest of the
 images loaded, model, strategy, budget, evaluation, seed), so an interrupted benchmark rerun with
@@ -28,23 +25,24 @@ the same arguments resumes its runs and skips finished ones; a run made with ano
 on another dataset) is never reused: the benchmark stops before training and names the keys that
 differ (point ``run.output_uri`` at a fresh folder).
 
-Data: the embedded digits by default; ``data.format=patches`` (the built-in crops of natural
-photographs, 16x16 RGB: add ``data.resolution=16 data.channels=3``), or ``data.format=imagefolder
-data.uri=PATH`` (plus ``data.resolution``/``data.channels``) trains on any local or s3://
-imagefolder, loaded into memory (small datasets; larger ones belong on the Tune path, which
-streams with Ray Data). Each dataset gets its own evaluator and metric name (``fid_digits``,
-``fid_patches``, ``fid_<folder name>``).
+Data: the embedded digits by default (``configs/digits/speed.yaml``); ``--config
+configs/patches/speed.yaml`` trains on the built-in crops of natural photographs
+(``speed.data.patches``), and ``data.format=imagefolder data.uri=PATH`` (plus
+``data.resolution``/``data.channels``) on any local or s3:// imagefolder, loaded into memory
+(small datasets; larger ones belong on the Tune path, which streams with Ray Data). Each dataset
+gets its own evaluator and metric name (``fid_digits``, ``fid_patches``, ``fid_<folder name>``).
 
-Budgets: the full run is the digits recipe (DiT-D/2, batch 64, 1000 steps, EMA evaluated every
-100 steps on 250 samples, DDIM-50) for 8 strategies x 3 seeds: about two hours on a 2-core
-machine. ``--quick`` (uniform, speed, speed_v1; seeds 0, 1; 500 steps, evaluated every 50 on 160
-samples, DDIM-20) takes about 15 minutes there (2.3 minutes per run). Benchmarks are not tests
-and CI does not run them.
+Budget (``BUDGET``): the recipe's model and batch for 2000 steps, evaluated every 200 steps on 250
+samples with DDIM-50. The full preset is 2 objectives x 6 strategies x 4 accelerators x 3 seeds
+(days on 2 cores: pick cells with ``--cells``); ``--quick`` runs the baseline and the best cell
+found, 2 seeds, the same budget (about 30 minutes on 2 cores with ``--threads 1`` x 2 processes,
+or one process with both threads). Benchmarks are not tests and CI does not run them.
 
-Writes ``<out>/speedup.json`` (``strategies``: one entry per strategy with ``speedup``,
-``speedup_min``, ``speedup_max``, ``final_metric`` and the curves), ``speedup.md`` (summary and
-per-run tables), ``speedup.png`` (curves) and ``speedup_timesteps.png`` (each strategy's pmf and
-weights); default out: ``benchmarks/results``.
+Writes ``<out>/speedup.json`` (``cells``: per cell its speed-ups ``{steps|flops|cpu_s: {25|50|100:
+{mean, min, max}}}``, final metric and FLOPs per image; ``strategies``: the DDPM-without-accelerator
+cells as steps-to-target entries), ``speedup.md`` (tables), ``speedup.png`` / ``speedup_flops.png``
+(quality against steps and FLOPs with seed bands) and ``speedup_timesteps.png`` (each strategy's
+density and weights); default out: ``benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -95,27 +93,23 @@ BASELINE = "uniform"
 PRIMARY_MODE = "min"  # the primary metric is the dataset's FID, fid_<dataset> (primary_metric)
 SECONDARY = ("class_accuracy", "max")
 FRESH_FOLDER = "point run.output_uri at a fresh folder (the runs live under <run.output_uri>/speedup[-quick])"
-# The full grid: objective x strategy x accelerator, 3 seeds (48 cells x 3 seeds; hours on 2 cores).
+# The budget: 2000 steps, where the plain DiT recipe's curve has fallen and flattened on the
+# digits (1000 steps left it on the steepest part), evaluated every 200 steps.
+BUDGET = ["train.steps=2000", "train.eval_every=200", "train.log_every=50", "train.checkpoint_every=200"]
+# The full grid: objective x strategy x accelerator, 3 seeds (48 cells x 3 seeds; days on 2 cores).
 FULL = {
     "objectives": ["ddpm", "flow"],
     "strategies": ["uniform", "speed", "laplace", "logit_normal", "progress", "speed+learned"],
     "accelerators": ["none", "routing", "modern", "routing+modern"],
     "seeds": [0, 1, 2],
-    "overrides": ["train.eval_every=100", "train.log_every=50", "train.checkpoint_every=200"],
+    "overrides": BUDGET,
 }
-# The quick check: the plain baseline, SpeeD, a flow cell and the best combination the grid found.
+# The quick check of the headline: the plain baseline and the best combination the grid found (a
+# flow cell), 2 seeds, at the full budget, so its runs are the full grid's runs of these cells.
 QUICK = {
-    "cells": ["ddpm-uniform-none", "ddpm-speed-none", "flow-uniform-none", "flow-laplace-none"],
+    "cells": ["ddpm-uniform-none", "flow-laplace-none"],
     "seeds": [0, 1],
-    "overrides": [
-        "train.steps=500",
-        "train.eval_every=50",
-        "train.log_every=25",
-        "train.checkpoint_every=100",
-        "train.eval_num_samples=160",
-        "sampling.steps=20",
-        "optim.warmup_steps=25",
-    ],
+    "overrides": BUDGET,
 }
 
 

@@ -9,9 +9,11 @@ objectives' rows are the same quantity on the same noise levels and images.
     python -m benchmarks.timestep_mse RUNS_DIR [--out FILE.md] [--images N]
 
 RUNS_DIR is the folder holding the benchmark's trial runs (``<run.output_uri>/speedup[-quick]``);
-each ``<trial>/export`` is evaluated on the same digits, timesteps and noise (seeded), so the rows
-differ only by the weights. The training logs' ``loss_t*`` cannot answer this: they hold each
-strategy's own *weighted* loss. Rows are averaged over the seeds of a strategy.
+each ``<trial>/export`` is evaluated on the images of the dataset the trial trained on (named by its
+``config.yaml``: digits, patches or an imagefolder), with the same timesteps and noise (seeded), so
+the rows differ only by the weights. ``--out FILE.md`` also writes FILE.json and FILE.png (the
+error per noise level with its seed band, and its ratio to the plain baseline). The training logs' ``loss_t*`` cannot answer this: they hold each
+strategy's own *weighted* loss. Rows are averaged over the seeds of a cell.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from speed.experiments.plots import plot_bucket_errors
 
 NUM_BUCKETS = 10
 
@@ -70,40 +74,71 @@ def flow_eps(model, x_ddpm: torch.Tensor, steps: torch.Tensor, labels: torch.Ten
 
 
 def strategy_of(trial: str) -> str:
-    """The variant of a trial folder: a cell (<cell>-seed<seed>) or an older t<index>-<strategy>-seed<seed>."""
+    """The variant of a trial folder: a cell (<cell run name>-seed<seed>) or an older t<index>-<strategy>-seed<seed>."""
+    from speed.experiments.cells import Cell
+
     name = trial.rsplit("-seed", 1)[0]
     head, _, rest = name.partition("-")
-    return rest if head[:1] == "t" and head[1:].isdigit() else name
+    if head[:1] == "t" and head[1:].isdigit():
+        return rest
+    return Cell.from_run_name(name).name if name.count("-") == 2 else name
+
+
+def trial_dataset(trial_dir: Path, cache: Dict[tuple, tuple], limit: Optional[int] = None):
+    """(images, labels) of the dataset the trial trained on, from its resolved ``config.yaml``
+    (the benchmark's own loader; the same images for every trial of one dataset)."""
+    from benchmarks.speedup import load_dataset
+    from speed.config import load_config
+
+    cfg = load_config(str(trial_dir / "config.yaml"))
+    key = (cfg.data.format, cfg.data.uri, cfg.data.resolution, cfg.data.channels)
+    if key not in cache:
+        images, labels = load_dataset(cfg)
+        cache[key] = (images[:limit], labels[:limit]) if limit else (images, labels)
+    return key, cache[key]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) and a .json beside it")
-    parser.add_argument("--images", type=int, default=1797, help="digits images to evaluate on (default: all)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the table (FILE.md), a .json and a .png plot beside it")
+    parser.add_argument("--images", type=int, default=None, help="images of the dataset to evaluate on (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from speed.data.digits import load_digits
 
     exports = sorted(p.parent for p in args.runs_dir.glob("*/export/model.json"))
     if not exports:
         print(f"error: no <trial>/export/model.json under {args.runs_dir}; run benchmarks.speedup first", file=sys.stderr)
         return 2
+    missing = [e.parent.name for e in exports if not (e.parent / "config.yaml").is_file()]
+    if missing:
+        print(f"error: no config.yaml in {', '.join(missing)} (the run's resolved config names its dataset); "
+              "point RUNS_DIR at a benchmarks.speedup runs folder", file=sys.stderr)
+        return 2
+    datasets: Dict[tuple, tuple] = {}
     rows: Dict[str, List[List[float]]] = defaultdict(list)
     for export in exports:
-        description = json.loads((export / "model.json").read_text())
-        images, labels = load_digits(description.get("resolution", 8), description.get("in_channels", 1))
-        images, labels = images[: args.images], labels[: args.images]
+        key, (images, labels) = trial_dataset(export.parent, datasets, args.images)
         values = bucket_mse(export, images, labels)
         rows[strategy_of(export.parent.name)].append(values)
         print(f"{export.parent.name}: " + " ".join(f"{v:.4f}" for v in values), file=sys.stderr, flush=True)
-    header = "| strategy (seeds) | " + " | ".join(f"t {b * 100}-{b * 100 + 99}" for b in range(NUM_BUCKETS)) + " |"
+    if len(datasets) > 1:
+        print(f"error: the runs under {args.runs_dir} trained on {len(datasets)} datasets "
+              f"({', '.join(str(k) for k in datasets)}); their errors are not comparable: one runs folder per dataset",
+              file=sys.stderr)
+        return 2
+    (data_format, data_uri, resolution, channels), (images, _) = next(iter(datasets.items()))
+    dataset = f"{data_format}{' ' + data_uri if data_uri else ''} ({resolution}px, {channels} channel(s))"
+    header = "| cell (seeds) | " + " | ".join(f"t {b * 100}-{b * 100 + 99}" for b in range(NUM_BUCKETS)) + " |"
     lines = [header, "| --- " * (NUM_BUCKETS + 1) + "|"]
     summary = {}
     for name, per_seed in rows.items():
-        mean = [sum(col) / len(col) for col in zip(*per_seed)]
-        summary[name] = {"seeds": len(per_seed), "mse_by_bucket": mean}
-        lines.append(f"| {name} ({len(per_seed)}) | " + " | ".join(f"{v:.4f}" for v in mean) + " |")
+        columns = list(zip(*per_seed))
+        summary[name] = {"seeds": len(per_seed), "mse_by_bucket": [sum(c) / len(c) for c in columns],
+                         "min_by_bucket": [min(c) for c in columns], "max_by_bucket": [max(c) for c in columns]}
+        lines.append(f"| {name} ({len(per_seed)}) | " + " | ".join(f"{v:.4f}" for v in summary[name]["mse_by_bucket"])
+                     + " |")
     baseline = next((b for b in ("ddpm-uniform-none", "uniform") if b in summary), None)
     if baseline is not None:
         base = summary[baseline]["mse_by_bucket"]
@@ -116,12 +151,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            f"# Unweighted epsilon MSE of the final EMA models per timestep bucket\n\n"
-            f"`python -m benchmarks.timestep_mse {args.runs_dir.name}` over {len(exports)} runs, "
-            f"{min(args.images, 1797)} digits, one seeded draw of t and noise per image and bucket.\n\n{table}\n"
-        )
-        args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+        description = (f"`python -m benchmarks.timestep_mse RUNS_DIR` over {len(exports)} runs on {len(images)} images "
+                       f"of {dataset}, one seeded draw of t and noise per image and bucket; seed means.")
+        args.out.write_text(f"# Unweighted epsilon MSE of the final EMA models per timestep bucket\n\n"
+                            f"{description}\n\n{table}\n")
+        args.out.with_suffix(".json").write_text(json.dumps({"dataset": dataset, "images": len(images),
+                                                             "cells": summary}, indent=1))
+        args.out.with_suffix(".png").write_bytes(plot_bucket_errors(
+            summary, baseline, [b * 100 + 50 for b in range(NUM_BUCKETS)], f"per-timestep error, {dataset}"))
     return 0
 
 

@@ -148,3 +148,15 @@ def test_learned_weighting_drops_the_gradient_of_a_skipped_step():
     strategy.transform_loss(torch.ones(8), t).sum().backward()
     strategy.discard_gradients()  # what the trainer does for a step skipped as non-finite
     assert strategy.weighter.log_scale.grad is None
+
+
+def test_progress_replay_follows_the_logged_loss_that_falls_fastest():
+    """benchmarks.progress_replay: the tenth whose logged loss falls (relatively) fastest gets the most mass."""
+    from benchmarks.progress_replay import replay
+
+    history = [{"step": 50 * (i + 1), **{f"loss_t{b}": (0.5 * 0.9 ** i if b == 2 else 0.5) for b in range(10)}}
+               for i in range(20)]
+    rows = replay(history, at=[1000])
+    mass = rows[0]["mass_by_tenth"]
+    assert rows[0]["step"] == 1000 and abs(sum(mass) - 1.0) < 1e-9
+    assert max(range(10), key=mass.__getitem__) == 2 and min(mass) > 0  # the floor keeps every level

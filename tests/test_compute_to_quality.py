@@ -51,6 +51,10 @@ def test_baseline_convergence_flags_flat_or_still_falling_curves():
     assert not flat["converged"] and not flat["fell"]
     falling = baseline_convergence(evaluation_points(history([100, 90, 80, 70, 60, 50, 40, 30]), "fid"), 800)
     assert falling["fell"] and not falling["flattened"]
+    # Evaluations every 200 steps miss 75% of a 1000-step budget: its value is read between 600 and 800
+    # (the evaluation at 600 would have measured the last 40%).
+    coarse = baseline_convergence(evaluation_points(history([100, 40, 26, 22, 21], every=200), "fid"), 1000)
+    assert coarse["at_75"] == pytest.approx(23.0) and coarse["flattened"]
 
 
 def test_tune_cells_expand_to_their_config_and_report_the_same_format(tmp_path):
@@ -81,3 +85,13 @@ def test_tune_cells_expand_to_their_config_and_report_the_same_format(tmp_path):
     cells = json.loads(files["cells.json"])["cells"]
     assert cells["flow-speed-routing"]["speedup"]["steps"]["100"]["mean"] == pytest.approx(2.0)
     assert "| flow-speed-routing |" in files["results.md"].decode()
+
+
+@pytest.mark.parametrize("path", ["configs/ablations/digits_grid.yaml", "configs/ablations/patches_grid.yaml",
+                                  "configs/ablations/imagenet_grid.yaml"])
+def test_shipped_grids_expand_into_valid_cells(path, tmp_path):
+    from speed.config import load_config
+    from speed.experiments.space import check_search_space, parse_search_space
+
+    base = load_config(path, [f"tune.output_uri={tmp_path}"])
+    assert check_search_space(base, parse_search_space(base.tune.search_space)) >= 6  # raises on an invalid cell

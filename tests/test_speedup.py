@@ -158,3 +158,13 @@ def test_benchmark_grid_writes_cells_in_three_units(tmp_path):
     for name in ("speedup.md", "speedup.png", "speedup_flops.png", "speedup_timesteps.png"):
         assert (out / name).stat().st_size > 0, name
     assert "| flow-speed-routing |" in (out / "speedup.md").read_text()
+
+    # The per-timestep error of the final models, on the dataset the runs trained on.
+    from benchmarks import timestep_mse
+
+    assert timestep_mse.main([str(tmp_path / "runs" / "speedup"), "--images", "8", "--out", str(out / "mse.md")]) == 0
+    errors = json.loads((out / "mse.json").read_text())
+    assert errors["dataset"].startswith("digits") and errors["images"] == 8
+    assert set(errors["cells"]) == set(report["cells"])
+    assert len(errors["cells"]["flow-speed-routing"]["ratio_to_ddpm-uniform-none"]) == timestep_mse.NUM_BUCKETS
+    assert (out / "mse.png").stat().st_size > 0

@@ -56,6 +56,11 @@ class Cell:
         """The name as a folder name ('+' of a composed strategy becomes '.')."""
         return self.name.replace("+", ".")
 
+    @classmethod
+    def from_run_name(cls, run_name: str) -> "Cell":
+        """The cell of a folder named by ``run_name`` (its inverse)."""
+        return cls.parse(run_name.replace(".", "+"))
+
     def overrides(self, ddpm_sampling_steps: int) -> List[str]:
         if self.accelerator not in ACCELERATORS:
             raise ValueError(f"accelerator must be one of {list(ACCELERATORS)}, got {self.accelerator!r}")

@@ -2,7 +2,8 @@
 
 - ``plot_curves``: a metric against training step, one line per strategy/variant (the seed mean)
   with a band spanning the seeds (min to max);
-- ``plot_timesteps``: each strategy's timestep sampling distribution (pmf) and loss weights.
+- ``plot_timesteps``: each strategy's timestep sampling distribution (pmf) and loss weights;
+- ``plot_bucket_errors``: final models' error per noise level, and its ratio to the baseline.
 """
 
 from __future__ import annotations
@@ -100,4 +101,34 @@ def plot_timesteps(strategies: Mapping[str, Mapping[str, Any]], title: Optional[
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return _png(fig)
+
+
+def plot_bucket_errors(summary: Mapping[str, Mapping[str, Any]], baseline: Optional[str], centres: Sequence[float],
+                       title: str) -> bytes:
+    """Per cell: its error per timestep bucket (``mse_by_bucket``, log scale, band ``min/max_by_bucket``
+    over seeds) and, beside it, ``ratio_to_<baseline>`` (benchmarks.timestep_mse's summary)."""
+    fig, axes = _figure(2 if baseline else 1)
+    for name, entry in summary.items():
+        line, = axes[0].plot(centres, entry["mse_by_bucket"], marker="o", markersize=3,
+                             label=f"{name} (n={entry['seeds']})")
+        if entry["seeds"] > 1:
+            axes[0].fill_between(centres, entry["min_by_bucket"], entry["max_by_bucket"], color=line.get_color(),
+                                 alpha=0.2)
+        if baseline:
+            ratio = entry.get(f"ratio_to_{baseline}", [1.0] * len(centres))
+            axes[1].plot(centres, ratio, marker="o", markersize=3, color=line.get_color(), label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("unweighted eps MSE")
+    axes[0].set_title("final EMA models' error per noise level")
+    if baseline:
+        axes[1].axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        axes[1].set_yscale("log")
+        axes[1].set_ylabel(f"MSE / {baseline}'s MSE")
+        axes[1].set_title("relative to the plain baseline (below 1: better)")
+    for ax in axes:
+        ax.set_xlabel("DDPM timestep t (bucket centre; flow models at the same log-SNR)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     return _png(fig)
