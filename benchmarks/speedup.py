@@ -35,8 +35,8 @@ gets its own evaluator and metric name (``fid_digits``, ``fid_patches``, ``fid_<
 Budget (``BUDGET``): the recipe's model and batch for 2000 steps, evaluated every 200 steps on 250
 samples with DDIM-50. The full preset is 2 objectives x 6 strategies x 4 accelerators x 3 seeds
 (days on 2 cores: pick cells with ``--cells``); ``--quick`` runs the baseline and the best cell
-found, 2 seeds, the same budget (about 30 minutes on 2 cores with ``--threads 1`` x 2 processes,
-or one process with both threads). Benchmarks are not tests and CI does not run them.
+found, 2 seeds, the same budget (27 minutes of runs on the 2-core machine with ``--threads 1``;
+one thread per run was no slower than two in these runs). Benchmarks are not tests and CI does not run them.
 
 Writes ``<out>/speedup.json`` (``cells``: per cell its speed-ups ``{steps|flops|cpu_s: {25|50|100:
 {mean, min, max}}}``, final metric and FLOPs per image; ``strategies``: the DDPM-without-accelerator
@@ -256,7 +256,7 @@ def build(args) -> Tuple[Config, List[Tuple[Cell, int, Config]], List[Cell], Lis
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speedup", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"cells {', '.join(QUICK['cells'])}; 2 seeds; ~30 min on 2 cores")
+    parser.add_argument("--quick", action="store_true", help=f"cells {', '.join(QUICK['cells'])}; 2 seeds; ~27 min on 2 cores")
     parser.add_argument("--out", default="benchmarks/results", help="folder for speedup.json/.md/.png")
     parser.add_argument("--config", default=BASE_CONFIG, help=f"training config (default {BASE_CONFIG})")
     parser.add_argument("--cells", default=None, help="comma-separated cells <objective>-<strategy>-<accelerator>, "

@@ -72,7 +72,7 @@ schedules, for example).
 Notes on some keys:
 
 - `run.name` is a run's folder: rerunning with the same name resumes from its latest checkpoint.
-- `model.name` is a preset: DiT-S/B/L/XL x /2 /4 /8, DiT-T/2, DiT-T/4, DiT-D/2, DiT-N/2, DiT-N/1;
+- `model.name` is a preset: DiT-S/B/L/XL x /2 /4 /8, DiT-T/2, DiT-T/4, DiT-D/2, DiT-D/4, DiT-N/2, DiT-N/1;
   `model.depth` / `hidden_size` / `num_heads` / `mlp_ratio` override the preset's value.
 - `train.global_batch_size` is fixed whatever the worker count (see [training](training.md)).
 - `ray.cpus_per_worker` may be a fraction: the CPUs the Train workers leave free run Ray Data.
