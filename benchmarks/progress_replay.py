@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--at", default="", help="comma-separated logged steps to report (default: every one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("overrides", nargs="*", help="diffusion.timesteps.progress.* overrides, e.g. ...floor=0.5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from speed.train.run_layout import RunLayout
 
     if not (args.run_dir / "config.yaml").is_file():

@@ -108,6 +108,26 @@ def test_progress_density_follows_falling_losses_with_a_floor(objective):
     assert float(bin_mass(strategy.pmf)[[3, 4, 5]].sum()) < float(mass[[3, 4, 5]].sum())
 
 
+def test_progress_measure_absolute_follows_loss_units_not_shares():
+    """A large loss falling by a small share against a tiny loss falling by a large one: the relative
+    measure follows the tiny loss, the absolute measure the large one."""
+    steps = torch.arange(T)
+    bins = (steps * 20) // T
+    masses = {}
+    for measure in ("relative", "absolute"):
+        strategy = build_timestep_strategy("progress", BETAS, measure=measure, smoothing=0.0)
+        for step in range(200):
+            fall = float(np.exp(-step / 50.0))
+            losses = torch.full((T,), 0.1, dtype=torch.float64)
+            losses[bins == 2] = 0.5 + 0.05 * fall  # large, falling by at most 10%
+            losses[bins == 18] = 0.001 + 0.004 * fall  # tiny, falling 5x
+            strategy.update(steps, losses)
+        mass = bin_mass(strategy.pmf)
+        masses[measure] = (float(mass[2]), float(mass[18]))
+    assert masses["relative"][1] > masses["relative"][0]
+    assert masses["absolute"][0] > masses["absolute"][1]
+
+
 def test_progress_stays_at_baseline_until_warm():
     strategy = build_timestep_strategy("progress", BETAS, warmup=1000)
     synthetic_curves(strategy, falling_bins=[3], rounds=5)

@@ -286,6 +286,9 @@ class ProgressParams:
     smoothing: float = non_negative(1.0)  # Gaussian smoothing of progress across bins, in bins
     warmup: int = bounded(8, 1)  # samples every bin must see before the density adapts
     unbiased: bool = False  # weight samples baseline / pmf so the objective stays the baseline's
+    # relative: (slow - fast) / slow, the share a level's loss fell; absolute: slow - fast, in loss units
+    # (relative favours nearly solved high-noise levels, whose tiny losses fall by large shares).
+    measure: str = choice("relative", "absolute")
 
 
 @dataclass

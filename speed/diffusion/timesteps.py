@@ -509,7 +509,8 @@ class ProgressStrategy(TimestepStrategy):
 
     The T steps are grouped into ``bins`` bins. Each bin keeps two exponential moving averages of
     its per-sample loss, a fast one (``fast``) and a slow one (``slow``); its progress is the
-    relative fall max(slow - fast, 0) / slow, smoothed across neighbouring bins (Gaussian of
+    relative fall max(slow - fast, 0) / slow (``measure: relative``) or the fall itself, in loss
+    units (``measure: absolute``), smoothed across neighbouring bins (Gaussian of
     ``smoothing`` bins). The sampling pmf is (1 - floor) * progress share + floor * baseline
     (uniform over the objective's own time: 1/T per step, or the cell widths under flow), spread
     evenly over the steps of a bin, and stays the baseline until every bin has seen ``warmup``
@@ -545,9 +546,11 @@ class ProgressStrategy(TimestepStrategy):
         super().__init__(self.baseline_pmf.clone(), torch.ones(num_timesteps))
 
     def progress(self) -> torch.Tensor:
-        """Smoothed relative loss fall per bin [bins] (>= 0)."""
-        rate = torch.clamp(self.slow_mean - self.fast_mean, min=0.0) / torch.clamp(self.slow_mean, min=1e-12)
-        return self.kernel @ rate
+        """Smoothed loss fall per bin [bins] (>= 0): relative to the slow mean, or in loss units (``measure``)."""
+        fall = torch.clamp(self.slow_mean - self.fast_mean, min=0.0)
+        if self.params.measure == "relative":
+            fall = fall / torch.clamp(self.slow_mean, min=1e-12)
+        return self.kernel @ fall
 
     def _refresh(self) -> None:
         baseline = self.baseline_pmf
