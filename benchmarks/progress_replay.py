@@ -4,8 +4,8 @@
 
 RUN_DIR is a DDPM run folder (``<run.output_uri>/speedup/<trial>``, say the plain baseline's). Its
 log records hold the training loss per tenth of the timesteps (``loss_t0`` .. ``loss_t9``) every
-``train.log_every`` steps. The replay feeds a ``progress`` strategy (``diffusion.timesteps.progress.*``
-from the overrides, the defaults otherwise) one update per training step with those losses,
+``train.log_every`` steps. The replay feeds a ``progress`` strategy on the run's own noise schedule
+(``diffusion.timesteps.progress.*`` from the overrides, the defaults otherwise) one update per training step with those losses,
 linear between log records, at the centres of its bins, and prints the density it would sample
 from per tenth of the timesteps next to the losses. It answers why the sampler trains where it
 does without another training run; the live sampler sees per-sample losses, which are noisier.
@@ -24,14 +24,12 @@ import torch
 TENTHS = 10
 
 
-def replay(history: Sequence[Dict[str, float]], overrides: Sequence[str] = (),
-           at: Sequence[int] = ()) -> List[Dict[str, object]]:
-    """[{"step", "loss_by_tenth", "mass_by_tenth"}] at the logged steps in ``at`` (every logged step if empty)."""
-    from speed.config import load_config
+def replay(history: Sequence[Dict[str, float]], diffusion, at: Sequence[int] = ()) -> List[Dict[str, object]]:
+    """[{"step", "loss_by_tenth", "mass_by_tenth"}] at the logged steps in ``at`` (every logged step if empty),
+    for the progress strategy of ``diffusion`` (a DiffusionConfig with ``timesteps.name: progress``)."""
     from speed.diffusion.factory import build_strategy_from_config
 
-    cfg = load_config("configs/digits/speed.yaml", ["diffusion.timesteps.name=progress", *overrides])
-    strategy = build_strategy_from_config(cfg.diffusion)
+    strategy = build_strategy_from_config(diffusion)
     total = strategy.num_timesteps
     centres = (torch.arange(strategy.bins) * total + total // 2) // strategy.bins  # [bins] one step per bin
     tenth_of_bin = (centres * TENTHS) // total  # [bins]
@@ -64,9 +62,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not (args.run_dir / "config.yaml").is_file():
         print(f"error: {args.run_dir} is not a run folder (no config.yaml)", file=sys.stderr)
         return 2
+    from speed.config import load_config
+
+    # The run's own noise schedule, with its timesteps replaced by the progress strategy.
+    cfg = load_config(str(args.run_dir / "config.yaml"), ["diffusion.timesteps.name=progress", *args.overrides])
+    if cfg.diffusion.objective != "ddpm":
+        print(f"error: {args.run_dir} trained with diffusion.objective={cfg.diffusion.objective}; its loss_t* "
+              "tenths are not DDPM steps: replay a DDPM run", file=sys.stderr)
+        return 2
     history = RunLayout(str(args.run_dir)).read_metrics()
     try:
-        rows = replay(history, args.overrides, [int(s) for s in args.at.split(",") if s])
+        rows = replay(history, cfg.diffusion, [int(s) for s in args.at.split(",") if s])
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

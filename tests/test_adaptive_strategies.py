@@ -176,7 +176,9 @@ def test_progress_replay_follows_the_logged_loss_that_falls_fastest():
 
     history = [{"step": 50 * (i + 1), **{f"loss_t{b}": (0.5 * 0.9 ** i if b == 2 else 0.5) for b in range(10)}}
                for i in range(20)]
-    rows = replay(history, at=[1000])
+    from speed.config import load_config
+
+    rows = replay(history, load_config(overrides=["diffusion.timesteps.name=progress"]).diffusion, at=[1000])
     mass = rows[0]["mass_by_tenth"]
     assert rows[0]["step"] == 1000 and abs(sum(mass) - 1.0) < 1e-9
     assert max(range(10), key=mass.__getitem__) == 2 and min(mass) > 0  # the floor keeps every level
